@@ -1,0 +1,75 @@
+"""Model cards: a sparsity section rendered from a Jinja template, added to (never replacing) an existing card."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Optional
+
+from jinja2 import Template
+from torch import nn
+
+from .config import SparsityConfig
+from .masks import MaskSet
+
+README_NAME = "README.md"
+SECTION_START = "<!-- hf_tickets:start -->"
+SECTION_END = "<!-- hf_tickets:end -->"
+CARD_TAGS = ["hf-tickets", "sparse", "pruning"]
+
+
+def render_sparsity_section(
+    masks: MaskSet, config: SparsityConfig, model: Optional[nn.Module] = None, metrics: Optional[dict] = None
+) -> str:
+    """The card's sparsity section, between markers so that later saves replace it in place."""
+    from . import __version__
+
+    report = masks.report()
+    model_params = sum(p.numel() for p in model.parameters()) if model is not None else report["numel"]
+    pruned = report["numel"] - report["kept"]
+    template = Template(resources.files("hf_tickets").joinpath("templates/sparsity_section.md").read_text())
+    body = template.render(
+        version=__version__,
+        config=config,
+        sparsity=report["sparsity"],
+        kept=report["kept"],
+        numel=report["numel"],
+        model_sparsity=pruned / max(model_params, 1),
+        model_params=model_params,
+        metrics=metrics or {},
+        layers=report["layers"],
+    )
+    return f"{SECTION_START}\n{body.strip()}\n{SECTION_END}\n"
+
+
+def write_model_card(
+    output_dir: str,
+    masks: MaskSet,
+    config: SparsityConfig,
+    model: Optional[nn.Module] = None,
+    metrics: Optional[dict] = None,
+) -> str:
+    """Create README.md, or update the hf_tickets section of an existing one; return its path."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(output_dir, README_NAME)
+    section = render_sparsity_section(masks, config, model, metrics)
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+        text = card.text
+        if SECTION_START in text and SECTION_END in text:
+            head, rest = text.split(SECTION_START, 1)
+            text = head + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+        else:
+            text = text.rstrip() + "\n\n" + section
+        card.text = text
+        card.data.tags = sorted(set(card.data.tags or []) | set(CARD_TAGS))
+        card.data.library_name = card.data.library_name or "transformers"
+    else:
+        data = ModelCardData(library_name="transformers", tags=CARD_TAGS)
+        name = type(model).__name__ if model is not None else "model"
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Sparse {name}\n\n{section}")
+    tmp = path + ".tmp"
+    card.save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,256 @@
+"""`MaskSet`: boolean masks keyed by parameter name, held outside the module tree.
+
+The model is never changed structurally: enforcement multiplies weights and gradients in place, so a sparse
+model's state_dict keys are exactly the dense model's. On disk, masks are bit-packed uint8 tensors in
+`masks.safetensors` with JSON metadata in the safetensors header; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+MASKS_NAME = "masks.safetensors"
+REPORT_NAME = "sparsity_report.json"
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Flatten a bool tensor into uint8 bytes, 8 entries per byte, most significant bit first."""
+    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_bits`."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = (packed.to(torch.uint8).view(-1, 1) & _BIT_WEIGHTS).ne(0).view(-1)
+    if bits.numel() < numel:
+        raise ValueError(f"packed mask holds {bits.numel()} bits, fewer than the {numel} its shape {shape} needs")
+    return bits[:numel].view(shape).contiguous()
+
+
+class MaskSet(Mapping[str, torch.Tensor]):
+    """Boolean masks (True = weight kept) keyed by the parameter names of `model.named_parameters()`.
+
+    Args:
+        masks: name -> bool tensor with the parameter's shape.
+        metadata: free-form string-able facts stored with the masks (method, pattern, seed, level, ...).
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, object]] = None) -> None:
+        self._masks: dict[str, torch.Tensor] = {}
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask {name!r} must be a torch.Tensor, got {type(mask).__name__}")
+            self._masks[name] = mask if mask.dtype == torch.bool else mask.ne(0)
+        self.metadata: dict[str, object] = dict(metadata or {})
+        self._bound: Optional[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = None
+
+    # ---- Mapping ---------------------------------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MaskSet) or set(self) != set(other):
+            return False
+        return all(torch.equal(self[n].cpu(), other[n].cpu()) for n in self)
+
+    def __repr__(self) -> str:
+        return f"MaskSet({len(self)} tensors, sparsity={self.sparsity():.4f})"
+
+    # ---- statistics ------------------------------------------------------------------------------------------
+
+    def numel(self) -> int:
+        return sum(m.numel() for m in self._masks.values())
+
+    def kept(self) -> int:
+        return int(sum(int(m.sum()) for m in self._masks.values()))
+
+    def sparsity(self) -> float:
+        """Fraction of masked-out entries over all masked tensors."""
+        total = self.numel()
+        return 0.0 if total == 0 else 1.0 - self.kept() / total
+
+    def density(self) -> float:
+        return 1.0 - self.sparsity()
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - float(m.sum()) / max(m.numel(), 1) for n, m in self._masks.items()}
+
+    def report(self) -> dict:
+        """Overall and per-tensor counts, as written to sparsity_report.json."""
+        layers = {
+            n: {"shape": list(m.shape), "numel": m.numel(), "kept": int(m.sum()), "sparsity": 1.0 - float(m.sum()) / max(m.numel(), 1)}
+            for n, m in self._masks.items()
+        }
+        total = sum(v["numel"] for v in layers.values())
+        kept = sum(v["kept"] for v in layers.values())
+        return {"sparsity": 1.0 - kept / max(total, 1), "numel": total, "kept": kept, "layers": layers}
+
+    # ---- algebra ---------------------------------------------------------------------------------------------
+
+    def is_subset_of(self, other: "MaskSet") -> bool:
+        """True when every weight kept here is also kept in `other` (masks only shrink across IMP levels)."""
+        if set(self) != set(other):
+            return False
+        return all(not bool((self[n].cpu() & ~other[n].cpu()).any()) for n in self)
+
+    def to(self, device: Union[str, torch.device]) -> "MaskSet":
+        return MaskSet({n: m.to(device) for n, m in self._masks.items()}, self.metadata)
+
+    def clone(self) -> "MaskSet":
+        return MaskSet({n: m.clone() for n, m in self._masks.items()}, dict(self.metadata))
+
+    # ---- model checks and enforcement ------------------------------------------------------------------------
+
+    def validate_for(self, model: nn.Module) -> None:
+        """Raise ValueError when a mask names no parameter of `model` or has the wrong shape."""
+        params = dict(model.named_parameters())
+        missing = [n for n in self if n not in params]
+        if missing:
+            raise ValueError(
+                f"masks name parameters that {type(model).__name__} does not have: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}. Load masks saved for this architecture "
+                f"(parameter names come from model.named_parameters())."
+            )
+        wrong = [(n, tuple(self[n].shape), tuple(params[n].shape)) for n in self if self[n].shape != params[n].shape]
+        if wrong:
+            n, got, want = wrong[0]
+            raise ValueError(
+                f"mask {n!r} has shape {got} but the parameter has shape {want} ({len(wrong)} mismatched): the masks "
+                "were made for a different model configuration."
+            )
+
+    def _params_and_masks(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Parameter and mask lists, cached per model and moved next to the parameters once."""
+        if self._bound is None or self._bound[0] != id(model):
+            params = dict(model.named_parameters())
+            self.validate_for(model)
+            plist = [params[n] for n in self._masks]
+            for n, p in zip(self._masks, plist):
+                if self._masks[n].device != p.device:
+                    self._masks[n] = self._masks[n].to(p.device)
+            self._bound = (id(model), plist, [self._masks[n] for n in self._masks])
+        return self._bound[1], self._bound[2]
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Zero every masked-out weight of `model` in place (one foreach call, no per-layer Python loop)."""
+        params, masks = self._params_and_masks(model)
+        if params:
+            torch._foreach_mul_(params, masks)
+        return model
+
+    @torch.no_grad()
+    def mask_grads_(self, model: nn.Module) -> None:
+        """Zero the gradients of masked-out weights in place; parameters without a gradient are skipped."""
+        params, masks = self._params_and_masks(model)
+        pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+        if pairs:
+            grads, gmasks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(gmasks))
+
+    def count_violations(self, model: nn.Module) -> int:
+        """Number of masked-out weights that are not exactly zero (0 when the masks are enforced)."""
+        params = dict(model.named_parameters())
+        return int(sum(int((params[n].detach()[~m.to(params[n].device)] != 0).sum()) for n, m in self._masks.items()))
+
+    # ---- I/O -------------------------------------------------------------------------------------------------
+
+    def save(self, save_directory: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, object]] = None) -> str:
+        """Write `masks.safetensors` (bit-packed) and `sparsity_report.json`, atomically; return the masks path."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        os.makedirs(save_directory, exist_ok=True)
+        packed = {n: pack_bits(m) for n, m in self._masks.items()}
+        meta = dict(self.metadata)
+        meta.update(extra_metadata or {})
+        tensors = {n: {"shape": list(m.shape), "sparsity": round(1.0 - float(m.sum()) / max(m.numel(), 1), 8)} for n, m in self._masks.items()}
+        header = {
+            "format": "pt",
+            "hf_tickets_version": __version__,
+            "hf_tickets_masks": json.dumps({"tensors": tensors, "metadata": meta}, sort_keys=True, default=str),
+        }
+        path = os.path.join(save_directory, MASKS_NAME)
+        _atomic_write(path, lambda tmp: save_file(packed, tmp, metadata=header))
+        report = dict(self.report(), metadata=meta)
+        _atomic_write(
+            os.path.join(save_directory, REPORT_NAME),
+            lambda tmp: _write_text(tmp, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "MaskSet":
+        """Read a `masks.safetensors` file (or a folder holding one)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = str(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, MASKS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"no masks file at {path!r}: save masks with MaskSet.save or TicketTrainer.save_model.")
+        try:
+            with safe_open(path, framework="pt") as fh:
+                header = fh.metadata() or {}
+                if "hf_tickets_masks" not in header:
+                    raise ValueError(
+                        f"{path} is a safetensors file but not an hf_tickets masks file (no 'hf_tickets_masks' "
+                        "header): pass the masks.safetensors written by hf_tickets, not model weights."
+                    )
+                info = json.loads(header["hf_tickets_masks"])
+                masks = {}
+                for name, spec in info["tensors"].items():
+                    masks[name] = unpack_bits(fh.get_tensor(name), tuple(spec["shape"]))
+        except SafetensorError as err:
+            raise ValueError(f"{path} is corrupted or not a safetensors file ({err}): re-save the masks.") from err
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{path} has a damaged hf_tickets header ({err}): re-save the masks.") from err
+        return cls(masks, info.get("metadata", {}))
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through a temporary name, then rename: a crash never leaves a half-written file at `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def load_masks(
+    pretrained_model_name_or_path: Union[str, os.PathLike], revision: Optional[str] = None, **hub_kwargs
+) -> MaskSet:
+    """Load the `MaskSet` saved in a local folder, a masks file, or a Hub repo id."""
+    path = str(pretrained_model_name_or_path)
+    if os.path.isfile(path):
+        return MaskSet.load(path)
+    from .config import _resolve_file
+
+    return MaskSet.load(_resolve_file(path, MASKS_NAME, revision=revision, **hub_kwargs))

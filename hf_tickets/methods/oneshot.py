@@ -1,0 +1,42 @@
+"""One-shot pruning: magnitude (keep the largest |w|) and seeded random masks."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..allocation import masks_from_scores, nm_masks
+from ..masks import MaskSet
+from ..scoring import magnitude_scores, random_scores
+from .base import SparsityMethod, register_method
+
+
+class _OneShot(SparsityMethod):
+    def scores(self, targets: dict[str, nn.Parameter]):
+        raise NotImplementedError
+
+    def compute_masks(self, model: nn.Module, targets: dict[str, nn.Parameter]) -> MaskSet:
+        cfg = self.config
+        scores = self.scores(targets)
+        if cfg.nm is not None:
+            masks = nm_masks(scores, *cfg.nm)
+        else:
+            masks = masks_from_scores(scores, cfg.sparsity, scope=cfg.scope, layer_rates=cfg.layer_rates)
+        return MaskSet(masks, {"method": cfg.method, "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed})
+
+
+class MagnitudePruning(_OneShot):
+    """Prune the smallest-magnitude weights, globally or per layer."""
+
+    def scores(self, targets):
+        return magnitude_scores(targets)
+
+
+class RandomPruning(_OneShot):
+    """Prune uniformly at random with `config.seed`; "layerwise" scope gives every layer exactly `sparsity`."""
+
+    def scores(self, targets):
+        return random_scores(targets, self.config.seed)
+
+
+register_method("magnitude", MagnitudePruning)
+register_method("random", RandomPruning)

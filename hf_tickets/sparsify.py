@@ -1,0 +1,30 @@
+"""`apply_sparsity`: compute a method's masks for a model and zero the pruned weights in place."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .config import SparsityConfig
+from .masks import MaskSet
+from .methods import get_method
+from .targets import resolve_targets
+
+MASKS_ATTR = "hf_tickets_masks"
+
+
+def apply_sparsity(model: nn.Module, config: SparsityConfig, masks: Optional[MaskSet] = None) -> MaskSet:
+    """Sparsify `model` in place and return its `MaskSet`.
+
+    With `masks`, those masks are checked against the model and applied instead of computing new ones. The masks
+    are also attached to the model as `model.hf_tickets_masks` (a plain attribute: state_dict keys do not change),
+    so that `TicketTrainer` picks them up.
+    """
+    if masks is None:
+        targets = resolve_targets(model, config)
+        masks = get_method(config.method)(config).compute_masks(model, targets)
+    masks.validate_for(model)
+    masks.apply_(model)
+    object.__setattr__(model, MASKS_ATTR, masks)
+    return masks

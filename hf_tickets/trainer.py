@@ -1,0 +1,187 @@
+"""`TicketTrainer`: a drop-in `transformers.Trainer` that keeps masked weights at exactly zero.
+
+Enforcement is one callback (`SparsityCallback`): gradients of pruned weights are zeroed before the optimizer step
+and pruned weights are re-zeroed after it, both with one foreach call over all masked tensors. It acts once per
+optimizer step (never per micro-step), so gradient accumulation, clipping, AMP and GradScaler-skipped steps all
+see the same rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .cards import write_model_card
+from .config import SparsityConfig
+from .masks import MASKS_NAME, MaskSet
+from .sparsify import MASKS_ATTR, apply_sparsity
+
+logger = logging.getLogger(__name__)
+
+
+class SparsityCallback(TrainerCallback):
+    """Mask gradients before each optimizer step and weights after it.
+
+    Also usable with a plain `Trainer`: `Trainer(..., callbacks=[SparsityCallback(masks, model)])`. With
+    `TicketTrainer`, gradients are masked even earlier, before gradient clipping, so that the clipping norm is the
+    norm of the sparse network's gradient.
+    """
+
+    def __init__(self, masks: MaskSet, model: Optional[nn.Module] = None) -> None:
+        self.masks = masks
+        self.model = model
+        self._grads_masked = False
+
+    def _model(self, kwargs: dict) -> nn.Module:
+        model = self.model if self.model is not None else kwargs.get("model")
+        if model is None:
+            raise ValueError("SparsityCallback needs the model: pass SparsityCallback(masks, model).")
+        return model
+
+    def mask_grads(self, model: Optional[nn.Module] = None) -> None:
+        """Zero pruned gradients once for the current optimizer step."""
+        if not self._grads_masked:
+            self.masks.mask_grads_(model if model is not None else self._model({}))
+            self._grads_masked = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Weights loaded from a checkpoint or changed by the user since the masks were made are zeroed again.
+        self.masks.apply_(self._model(kwargs))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.mask_grads(self._model(kwargs))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Momentum and weight decay would move pruned weights off zero; a skipped (inf) fp16 step changes nothing.
+        self.masks.apply_(self._model(kwargs))
+        self._grads_masked = False
+
+
+class TicketTrainer(Trainer):
+    """`transformers.Trainer` that trains a sparse model and saves its masks.
+
+    Args:
+        sparsity_config: how to prune. Masks are computed when the trainer is built (one-shot methods) and the
+            pruned weights are zeroed in place.
+        masks: an existing `MaskSet` (e.g. from `load_masks`) to enforce instead of computing new masks.
+        *args, **kwargs: every `transformers.Trainer` argument.
+
+    A model already passed through `apply_sparsity` keeps its masks when neither argument is given.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sparsity_config: Optional[SparsityConfig] = None,
+        masks: Optional[MaskSet] = None,
+        **kwargs: Any,
+    ) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is None:
+            raise ValueError("TicketTrainer needs `model` (model_init is not supported): pass the model to sparsify.")
+        if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
+            raise ValueError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}.")
+        if masks is None and sparsity_config is None and getattr(model, MASKS_ATTR, None) is None:
+            raise ValueError(
+                "TicketTrainer needs sparsity_config=SparsityConfig(...) or masks=load_masks(...) (or a model "
+                "passed through apply_sparsity); without them use transformers.Trainer."
+            )
+        if masks is None and sparsity_config is None:
+            masks = getattr(model, MASKS_ATTR)
+        if sparsity_config is None:
+            sparsity_config = _config_from_masks(masks)
+        self.sparsity_config = sparsity_config
+        self.masks = apply_sparsity(model, sparsity_config, masks=masks)
+        self.sparsity_callback = SparsityCallback(self.masks, model)
+        super().__init__(*args, **kwargs)
+        self.add_callback(self.sparsity_callback)
+
+    def set_masks(self, masks: MaskSet) -> None:
+        """Enforce `masks` from now on (zeroes the newly pruned weights at once)."""
+        self.masks = apply_sparsity(self.model, self.sparsity_config, masks=masks)
+        self.sparsity_callback.masks = self.masks
+
+    # ---- training loop hooks ----------------------------------------------------------------------------------
+
+    def _clip_grad_norm(self, model):
+        # Mask first, so clipping scales by the norm of the gradient the sparse network actually uses.
+        self.sparsity_callback.mask_grads(self.model)
+        return super()._clip_grad_norm(model)
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(os.path.join(checkpoint, MASKS_NAME)):
+            logger.info("Restoring masks from %s", checkpoint)
+            self.set_masks(MaskSet.load(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        logs = dict(logs)
+        logs["sparsity"] = round(self.masks.sparsity(), 6)
+        for name, value in self.masks.layer_sparsity().items():
+            logs[f"sparsity/{name}"] = round(value, 6)
+        super().log(logs, *args, **kwargs)
+
+    # ---- saving -----------------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.masks.save(output_dir)
+        self.sparsity_config.save_pretrained(output_dir)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and self.args.should_save:
+            write_model_card(
+                output_dir if output_dir is not None else self.args.output_dir,
+                masks=self.masks,
+                config=self.sparsity_config,
+                model=self.model,
+                metrics=_last_eval_metrics(self.state.log_history),
+            )
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # Trainer rewrites README.md before push_to_hub; put the sparsity section back into its card.
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            write_model_card(
+                self.args.output_dir,
+                masks=self.masks,
+                config=self.sparsity_config,
+                model=self.model,
+                metrics=_last_eval_metrics(self.state.log_history),
+            )
+
+
+def _config_from_masks(masks: MaskSet) -> SparsityConfig:
+    """A config describing masks that came without one (loaded from a file)."""
+    from .methods import available_methods
+
+    meta = masks.metadata
+    method = str(meta.get("method", "magnitude"))
+    try:
+        return SparsityConfig(
+            method=method if method in available_methods() else "magnitude",
+            sparsity=min(masks.sparsity(), 0.999999),
+            pattern=str(meta.get("pattern", "unstructured")),
+            scope=str(meta.get("scope", "global")),
+            seed=int(meta.get("seed", 0)),
+        )
+    except ValueError:
+        return SparsityConfig(sparsity=min(masks.sparsity(), 0.999999))
+
+
+def _last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
+    for entry in reversed(log_history):
+        evals = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        if evals:
+            return evals
+    return {}
