@@ -14,6 +14,8 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .kernels import MultiTensorMasker, zero_pruned_
+
 MASKS_NAME = "masks.safetensors"
 REPORT_NAME = "sparsity_report.json"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -54,7 +56,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 raise TypeError(f"mask {name!r} must be a torch.Tensor, got {type(mask).__name__}")
             self._masks[name] = mask if mask.dtype == torch.bool else mask.ne(0)
         self.metadata: dict[str, object] = dict(metadata or {})
-        self._bound: Optional[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = None
+        self._bound: Optional[tuple[int, list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]] = None
 
     # ---- Mapping ---------------------------------------------------------------------------------------------
 
@@ -138,34 +140,38 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 "were made for a different model configuration."
             )
 
-    def _params_and_masks(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _params_and_masks(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]:
         """Parameter and mask lists, cached per model and moved next to the parameters once."""
-        if self._bound is None or self._bound[0] != id(model):
+        # Rebind when the model changes or was moved (Module.to keeps the Parameter objects, not their device).
+        if self._bound is None or self._bound[0] != id(model) or (
+            self._bound[1] and self._bound[1][0].device != self._bound[2][0].device
+        ):
             params = dict(model.named_parameters())
             self.validate_for(model)
             plist = [params[n] for n in self._masks]
             for n, p in zip(self._masks, plist):
-                if self._masks[n].device != p.device:
-                    self._masks[n] = self._masks[n].to(p.device)
-            self._bound = (id(model), plist, [self._masks[n] for n in self._masks])
-        return self._bound[1], self._bound[2]
+                if self._masks[n].device != p.device or not self._masks[n].is_contiguous():
+                    self._masks[n] = self._masks[n].to(p.device).contiguous()
+            mlist = [self._masks[n] for n in self._masks]
+            self._bound = (id(model), plist, mlist, MultiTensorMasker(mlist))
+        return self._bound[1], self._bound[2], self._bound[3]
 
-    @torch.no_grad()
     def apply_(self, model: nn.Module) -> nn.Module:
-        """Zero every masked-out weight of `model` in place (one foreach call, no per-layer Python loop)."""
-        params, masks = self._params_and_masks(model)
-        if params:
-            torch._foreach_mul_(params, masks)
+        """Zero every masked-out weight of `model` in place (one launch or one foreach call, no per-layer loop)."""
+        params, masks, masker = self._params_and_masks(model)
+        zero_pruned_(params, masks, masker)
         return model
 
-    @torch.no_grad()
     def mask_grads_(self, model: nn.Module) -> None:
         """Zero the gradients of masked-out weights in place; parameters without a gradient are skipped."""
-        params, masks = self._params_and_masks(model)
-        pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
-        if pairs:
-            grads, gmasks = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(gmasks))
+        params, masks, masker = self._params_and_masks(model)
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            zero_pruned_(grads, masks, masker)
+        else:
+            pairs = [(g, m) for g, m in zip(grads, masks) if g is not None]
+            if pairs:
+                zero_pruned_([g for g, _ in pairs], [m for _, m in pairs], None)
 
     def count_violations(self, model: nn.Module) -> int:
         """Number of masked-out weights that are not exactly zero (0 when the masks are enforced)."""
@@ -188,7 +194,10 @@ class MaskSet(Mapping[str, torch.Tensor]):
         header = {
             "format": "pt",
             "hf_tickets_version": __version__,
-            "hf_tickets_masks": json.dumps({"tensors": tensors, "metadata": meta}, sort_keys=True, default=str),
+            # sort_keys reorders "tensors"; "order" keeps named_parameters() order for the round trip.
+            "hf_tickets_masks": json.dumps(
+                {"tensors": tensors, "order": list(self._masks), "metadata": meta}, sort_keys=True, default=str
+            ),
         }
         path = os.path.join(save_directory, MASKS_NAME)
         _atomic_write(path, lambda tmp: save_file(packed, tmp, metadata=header))
@@ -219,8 +228,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
                     )
                 info = json.loads(header["hf_tickets_masks"])
                 masks = {}
-                for name, spec in info["tensors"].items():
-                    masks[name] = unpack_bits(fh.get_tensor(name), tuple(spec["shape"]))
+                for name in info.get("order", info["tensors"]):
+                    masks[name] = unpack_bits(fh.get_tensor(name), tuple(info["tensors"][name]["shape"]))
         except SafetensorError as err:
             raise ValueError(f"{path} is corrupted or not a safetensors file ({err}): re-save the masks.") from err
         except (json.JSONDecodeError, KeyError) as err:
