@@ -118,3 +118,16 @@ def nm_masks(scores: Mapping[str, torch.Tensor], n: int, m: int) -> dict[str, to
         keep = keep.view(s.shape)
         masks[name] = keep.movedim(-1, 1).contiguous() if score.dim() > 2 else keep
     return masks
+
+
+def random_masks_like(reference: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random masks keeping exactly as many entries per tensor as `reference` (the LTH random-pruning control).
+
+    A CPU generator seeded with `seed` draws the positions, so every rank and device gets the same masks.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = {}
+    for name, ref in reference.items():
+        scores = torch.rand(ref.shape, generator=generator)
+        out[name] = _keep_top([scores], int(ref.sum()))[0].to(ref.device)
+    return out

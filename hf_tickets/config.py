@@ -17,6 +17,8 @@ CONFIG_NAME = "sparsity_config.json"
 
 PATTERNS_HELP = '"unstructured", or "N:M" such as "2:4" (N kept weights in every group of M)'
 SCOPES = ("global", "layerwise")
+REWIND_MODES = ("init", "step", "lr", "none")
+ITERATIVE_METHODS = ("imp",)
 
 
 def _known_methods() -> tuple[str, ...]:
@@ -43,8 +45,10 @@ class SparsityConfig(PushToHubMixin):
     """How to sparsify a model.
 
     Args:
-        method: how masks are chosen: `"magnitude"` (keep the largest |w|) or `"random"` (seeded).
-        sparsity: fraction of the targeted weights set to zero, in [0, 1).
+        method: how masks are chosen: `"magnitude"` (keep the largest |w|), `"random"` (seeded), or `"imp"`
+            (iterative magnitude pruning: train, prune, rewind, repeat).
+        sparsity: fraction of the targeted weights set to zero, in [0, 1). Required for one-shot methods; for
+            `"imp"` it is the target that implies `levels` (give one of the two).
         pattern: `"unstructured"` or `"N:M"` (e.g. `"2:4"`).
         scope: `"global"` ranks all targeted weights together; `"layerwise"` prunes each tensor to `sparsity`.
         target_modules: module names to prune. A string is a regex that must fully match a module name; a list
@@ -56,10 +60,21 @@ class SparsityConfig(PushToHubMixin):
             factor. Matching layers are pruned on their own at `sparsity * factor`; 0.5 is the LTH papers' "output
             layer at half rate"; 0 leaves the layer dense.
         seed: seed of every random choice (random masks, random re-initialisation), shared by all ranks.
+        prune_fraction: IMP: fraction of the still-alive weights pruned after each level (0.2 in the LTH papers).
+        levels: IMP: number of pruning levels after the dense level 0 (level L keeps (1 - prune_fraction)**L).
+        rewind: IMP: where each level restarts from. `"init"`: surviving weights back to their values at step 0
+            (the pretrained weights for a pretrained model); `"step"`: late rewinding to `rewind_step` (weights,
+            optimizer, LR scheduler, RNG and data position as they were at that step of level 0); `"lr"`: keep the
+            trained weights and restart the schedule from `rewind_step` (learning-rate rewinding); `"none"`: keep
+            the trained weights and fine-tune at the last learning rate of the previous level.
+        rewind_step: IMP: the step k of `rewind="step"`/`"lr"`: an integer number of optimizer steps, or a
+            fraction in (0, 1) of a level's training steps.
     """
 
     method: str = field(default="magnitude", metadata={"help": "Mask selection method: magnitude or random."})
-    sparsity: float = field(default=0.5, metadata={"help": "Fraction of targeted weights set to zero, in [0, 1)."})
+    sparsity: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of targeted weights set to zero, in [0, 1) (IMP: the target)."}
+    )
     pattern: str = field(default="unstructured", metadata={"help": f"Sparsity pattern: {PATTERNS_HELP}."})
     scope: str = field(default="global", metadata={"help": "global (one threshold) or layerwise (per tensor)."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -74,6 +89,16 @@ class SparsityConfig(PushToHubMixin):
         metadata={"help": 'Per-layer rate multipliers as JSON, e.g. {"classifier": 0.5} prunes the head at half rate.'},
     )
     seed: int = field(default=0, metadata={"help": "Seed for every random choice; identical on all ranks."})
+    prune_fraction: float = field(
+        default=0.2, metadata={"help": "IMP: fraction of the still-alive weights pruned at the end of each level."}
+    )
+    levels: Optional[int] = field(
+        default=None, metadata={"help": "IMP: pruning levels after the dense level 0 (or give a target sparsity)."}
+    )
+    rewind: str = field(default="init", metadata={"help": "IMP: init, step (late rewinding), lr or none."})
+    rewind_step: Optional[float] = field(
+        default=None, metadata={"help": "IMP: rewind step k: optimizer steps (int) or a fraction (0, 1) of a level."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_rates, str):
@@ -93,13 +118,29 @@ class SparsityConfig(PushToHubMixin):
         methods = _known_methods()
         if self.method not in methods:
             raise ValueError(f"SparsityConfig.method={self.method!r} is unknown: choose one of {list(methods)}.")
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+        iterative = self.method in ITERATIVE_METHODS
+        if self.sparsity is None and not iterative and self.pattern == "unstructured":
             raise ValueError(
-                f"SparsityConfig.sparsity={self.sparsity!r} is outside [0, 1): give the fraction of weights to zero, "
-                "e.g. 0.9."
+                f"SparsityConfig.sparsity is required for method={self.method!r}: give the fraction of weights to "
+                "zero, e.g. sparsity=0.9."
             )
-        self.sparsity = float(self.sparsity)
-        parse_nm_pattern(self.pattern)
+        if self.sparsity is not None:
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not (
+                0.0 <= float(self.sparsity) < 1.0
+            ):
+                raise ValueError(
+                    f"SparsityConfig.sparsity={self.sparsity!r} is outside [0, 1): give the fraction of weights to "
+                    "zero, e.g. 0.9."
+                )
+            self.sparsity = float(self.sparsity)
+        nm = parse_nm_pattern(self.pattern)
+        if nm is not None and self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(
+                f"SparsityConfig.sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which implies "
+                f"{1 - nm[0] / nm[1]}: leave sparsity unset for N:M patterns."
+            )
+        if iterative:
+            self._validate_iterative()
         if self.scope not in SCOPES:
             raise ValueError(f"SparsityConfig.scope={self.scope!r} is unknown: choose one of {list(SCOPES)}.")
         for name in ("target_modules", "exclude_modules"):
@@ -120,8 +161,67 @@ class SparsityConfig(PushToHubMixin):
         if not isinstance(self.seed, int):
             raise ValueError(f"SparsityConfig.seed must be an int, got {self.seed!r}.")
 
+    def _validate_iterative(self) -> None:
+        if self.pattern != "unstructured":
+            raise ValueError(f"SparsityConfig.pattern={self.pattern!r} is not supported with method='imp': use unstructured.")
+        if isinstance(self.prune_fraction, bool) or not isinstance(self.prune_fraction, (int, float)) or not (
+            0.0 < float(self.prune_fraction) < 1.0
+        ):
+            raise ValueError(
+                f"SparsityConfig.prune_fraction={self.prune_fraction!r} is outside (0, 1): give the fraction of alive "
+                "weights pruned per level, e.g. 0.2."
+            )
+        if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1):
+            raise ValueError(f"SparsityConfig.levels={self.levels!r} must be an integer >= 1.")
+        if self.levels is None and self.sparsity is None:
+            raise ValueError("method='imp' needs SparsityConfig.levels or a target SparsityConfig.sparsity: give one.")
+        if self.levels is not None and self.sparsity is not None and self.levels != self.implied_levels():
+            raise ValueError(
+                f"SparsityConfig.levels={self.levels} and sparsity={self.sparsity} contradict each other: pruning "
+                f"{self.prune_fraction:.0%} per level reaches {self.sparsity} after {self.implied_levels()} levels. "
+                "Give only one of them."
+            )
+        if self.rewind not in REWIND_MODES:
+            raise ValueError(f"SparsityConfig.rewind={self.rewind!r} is unknown: choose one of {list(REWIND_MODES)}.")
+        if self.rewind == "step" and self.rewind_step is None:
+            raise ValueError("SparsityConfig.rewind='step' needs rewind_step: an int step k or a fraction in (0, 1).")
+        if self.rewind_step is not None:
+            k = self.rewind_step
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0 or (k >= 1 and float(k) != int(k)):
+                raise ValueError(
+                    f"SparsityConfig.rewind_step={k!r} must be a whole number of steps >= 0 or a fraction in (0, 1)."
+                )
+            if self.rewind in ("init", "none"):
+                raise ValueError(
+                    f"SparsityConfig.rewind_step is only used with rewind='step' or 'lr', not rewind={self.rewind!r}: "
+                    "drop it or change rewind."
+                )
+
+    def implied_levels(self) -> int:
+        """Levels of `prune_fraction` needed to reach at least `sparsity`."""
+        import math
+
+        if self.sparsity is None or self.sparsity <= 0:
+            return 0
+        return max(1, math.ceil(math.log(1.0 - self.sparsity) / math.log(1.0 - self.prune_fraction) - 1e-9))
+
+    def num_levels(self) -> int:
+        """IMP pruning levels after the dense level 0."""
+        return self.levels if self.levels is not None else self.implied_levels()
+
+    def rewind_step_for(self, total_steps: int) -> int:
+        """`rewind_step` in optimizer steps for a level of `total_steps` steps (0 for rewinding to init)."""
+        if self.rewind_step is None:
+            return 0
+        k = float(self.rewind_step)
+        return int(round(k * total_steps)) if 0 < k < 1 else int(k)
+
     def max_rate(self) -> float:
-        """The base rate that `layer_rates` factors multiply (overridden by iterative methods)."""
+        """The base rate that `layer_rates` factors multiply: sparsity, or the per-level fraction for IMP."""
+        if self.method in ITERATIVE_METHODS:
+            return self.prune_fraction
+        if self.sparsity is None:
+            return 0.0
         return self.sparsity
 
     @property

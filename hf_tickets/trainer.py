@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .cards import write_model_card
-from .config import SparsityConfig
+from .config import ITERATIVE_METHODS, SparsityConfig
 from .masks import MASKS_NAME, MaskSet
 from .sparsify import MASKS_ATTR, apply_sparsity
 
@@ -96,6 +96,7 @@ class TicketTrainer(Trainer):
         if sparsity_config is None:
             sparsity_config = _config_from_masks(masks)
         self.sparsity_config = sparsity_config
+        self._user_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None
         self.masks = apply_sparsity(model, sparsity_config, masks=masks)
         self.sparsity_callback = SparsityCallback(self.masks, model)
         super().__init__(*args, **kwargs)
@@ -114,6 +115,15 @@ class TicketTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        """Train; with method="imp", run every IMP level (see `hf_tickets.lottery`).
+
+        For IMP, `resume_from_checkpoint` is implied: finished levels in `output_dir` are skipped and an
+        interrupted level resumes from its last checkpoint.
+        """
+        if self.sparsity_config.method in ITERATIVE_METHODS:
+            from .lottery import IMPRunner
+
+            return IMPRunner(self).run()
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -121,6 +131,19 @@ class TicketTrainer(Trainer):
             logger.info("Restoring masks from %s", checkpoint)
             self.set_masks(MaskSet.load(checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def train_control(self, kind: str, trunk_dir: Optional[str] = None, levels: Optional[list[int]] = None) -> str:
+        """Run an LTH control next to a finished IMP trunk; returns the control's folder.
+
+        Args:
+            kind: `"reinit"` (the trunk's masks on a fresh random initialisation from another seed) or
+                `"random_prune"` (random masks with the trunk's per-layer counts, rewound like the trunk).
+            trunk_dir: the trunk's output_dir (default: this trainer's `args.output_dir`).
+            levels: trunk levels to run (default: every finished pruned level); each is skipped if already done.
+        """
+        from .lottery import run_control
+
+        return run_control(self, kind, trunk_dir or self.args.output_dir, levels)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs = dict(logs)

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .base import SparsityMethod, available_methods, get_method, register_method
-from . import oneshot  # noqa: F401  (registers "magnitude" and "random")
+from . import imp, oneshot  # noqa: F401  (register "imp", "magnitude" and "random")
 
 __all__ = ["SparsityMethod", "available_methods", "get_method", "register_method"]
