@@ -73,3 +73,21 @@ def write_model_card(
     card.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def upsert_card_section(output_dir: str, key: str, markdown: str) -> str:
+    """Insert or replace a named section (between `<!-- hf_tickets:KEY:start/end -->` markers) in README.md."""
+    path = os.path.join(output_dir, README_NAME)
+    start, end = f"<!-- hf_tickets:{key}:start -->", f"<!-- hf_tickets:{key}:end -->"
+    block = f"{start}\n{markdown.strip()}\n{end}\n"
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,114 @@
+"""`hf-tickets` command: run a recipe, inspect a sparse checkpoint, rebuild a report or a card.
+
+    hf-tickets run recipes/quickstart_digits.yaml [section.key=value ...]
+    hf-tickets inspect runs/quickstart/ticket
+    hf-tickets report runs/quickstart
+    hf-tickets card runs/quickstart/ticket
+
+The same module runs under `accelerate launch -m hf_tickets.cli run RECIPE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Optional, Sequence
+
+
+def _cmd_run(opts: argparse.Namespace) -> int:
+    from .recipes import default_recipe_path, load_recipe, run_recipe
+
+    path = default_recipe_path(opts.recipe)
+    recipe = load_recipe(path, opts.overrides)
+    command = "hf-tickets run " + " ".join(shlex.quote(a) for a in [path, *opts.overrides])
+    recipe.setdefault("ticket", {}).setdefault("command", command)
+    summary = run_recipe(recipe)
+    report = summary.get("report")
+    if report:
+        print(f"\nIMP run in {summary['output_dir']} (accuracy = {report['scored_by']})")
+        print(f"{'level':>5} {'remaining %':>12} {'accuracy':>9}")
+        from .lottery.report import score
+
+        for row in report["trunk"]:
+            acc = score(row)[0]
+            print(f"{row['level']:>5} {row['remaining_weights_pct']:>12.2f} {acc if acc is None else f'{acc:.4f}':>9}")
+        for kind, rows in report["controls"].items():
+            for row in rows:
+                acc = score(row)[0]
+                print(f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
+                      f"accuracy {acc}")
+        print(f"winning-ticket levels (within {report['tolerance']} of dense): {report['winning_ticket_levels']}")
+    print(f"ticket: {summary['ticket_dir']}")
+    return 0
+
+
+def _cmd_inspect(opts: argparse.Namespace) -> int:
+    from .masks import load_masks
+
+    masks = load_masks(opts.path)
+    report = masks.report()
+    if opts.json:
+        print(json.dumps(dict(report, metadata=masks.metadata), indent=2, default=str))
+        return 0
+    print(f"{opts.path}: {len(masks)} masked tensors, sparsity {report['sparsity']:.4f} "
+          f"({report['kept']} of {report['numel']} kept)")
+    print(f"metadata: {json.dumps(masks.metadata, default=str)}")
+    width = max(len(n) for n in report["layers"]) if report["layers"] else 10
+    for name, row in report["layers"].items():
+        print(f"  {name:<{width}}  {'x'.join(map(str, row['shape'])):>12}  {100 * row['sparsity']:6.2f}%")
+    return 0
+
+
+def _cmd_report(opts: argparse.Namespace) -> int:
+    from .lottery import write_report
+
+    report = write_report(opts.path, tolerance=opts.tolerance)
+    print(json.dumps({k: report[k] for k in ("dense_accuracy", "winning_ticket_levels", "rewind_vs_reinit_gap")},
+                     indent=2))
+    return 0
+
+
+def _cmd_card(opts: argparse.Namespace) -> int:
+    from .cards import write_model_card
+    from .config import SparsityConfig
+    from .masks import load_masks
+
+    path = write_model_card(opts.path, masks=load_masks(opts.path), config=SparsityConfig.from_pretrained(opts.path))
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-tickets", description="Lottery tickets and sparse training for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe (YAML) end to end")
+    run.add_argument("recipe", help="recipe file, or a name under recipes/ such as quickstart_digits")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
+    run.set_defaults(func=_cmd_run)
+    inspect = sub.add_parser("inspect", help="per-layer sparsity of a folder or masks.safetensors")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=_cmd_inspect)
+    report = sub.add_parser("report", help="rebuild imp_report.json and the plots of an IMP run")
+    report.add_argument("path")
+    report.add_argument("--tolerance", type=float, default=0.01)
+    report.set_defaults(func=_cmd_report)
+    card = sub.add_parser("card", help="write or update the model card of a sparse checkpoint folder")
+    card.add_argument("path")
+    card.set_defaults(func=_cmd_card)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        return opts.func(opts)
+    except ValueError as err:
+        print(f"hf-tickets: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
