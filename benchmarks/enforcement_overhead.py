@@ -7,12 +7,13 @@ Arms, all on the same BERT-base-sized model built from a config (no download), b
   prune        plain Trainer on a model masked with `torch.nn.utils.prune.custom_from_mask` (mask applied every forward)
   parametrize  plain Trainer with a `torch.nn.utils.parametrize` masking parametrization
 
-The arms are interleaved (round-robin, several rounds) because identical runs on a shared GPU vary by ~10%; each
-step is timed on the GPU with CUDA events (on_step_begin -> on_step_end), warm-up steps dropped, and each arm's peak
-memory is measured alone (everything of the previous arm freed first). Prints per-arm median step time, the ratio
-to `dense` (median over rounds, with min-max spread) and the peak-memory ratio.
+Peak memory is measured first, each arm alone (everything of the previous arm freed). Then all arms stay resident
+and take turns in short rounds, because identical runs on a shared GPU drift by ~10% over minutes; each step is
+timed on the GPU with CUDA events (on_step_begin -> on_step_end) and warm-up steps are dropped. Prints per-arm
+median step time, the ratio to `dense` (median of per-round ratios, with IQR and min-max), the peak-memory ratio,
+and the GPU time of the masking calls themselves (CUDA events around them) as a share of the step.
 
-    python benchmarks/enforcement_overhead.py --rounds 5 --steps 60 --warmup 10
+    python benchmarks/enforcement_overhead.py --rounds 15 --steps 30 --warmup 5
 """
 
 from __future__ import annotations
@@ -124,11 +125,9 @@ def _peak_memory() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-def run_arm(arm: str, masks, args_kwargs: dict, dataset, steps: int) -> tuple[list[float], int, int, float]:
-    """Train one arm; return per-step GPU times, peak bytes, mask violations, enforcement GPU ms per step."""
-    _reset_memory()
+def build_arm(arm: str, masks, args_kwargs: dict, dataset, steps: int, out: str):
+    """A trainer for one arm (model built from the same seed, masks applied the arm's way) and its step timer."""
     model = build_model(0)
-    sparsity_config = SparsityConfig(method="magnitude", sparsity=0.9, scope="global")
     modules = dict(model.named_modules())
     if arm in ("prune", "parametrize"):
         for name, mask in masks.items():
@@ -139,32 +138,44 @@ def run_arm(arm: str, masks, args_kwargs: dict, dataset, steps: int) -> tuple[li
                 with torch.no_grad():
                     module.weight.mul_(mask)
                 parametrize.register_parametrization(module, "weight", MaskParametrization(mask.float()))
-    os.environ["HF_TICKETS_DISABLE_TRITON"] = "1" if arm == "ticket_foreach" else "0"
     timer = StepTimer()
+    args = TrainingArguments(out, max_steps=steps, **args_kwargs)
+    if arm.startswith("ticket"):
+        config = SparsityConfig(method="magnitude", sparsity=0.9, scope="global")
+        trainer = TicketTrainer(
+            model=model, args=args, train_dataset=dataset, masks=masks.clone(), sparsity_config=config, callbacks=[timer]
+        )
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
+    return trainer, timer
+
+
+def train_once(arm: str, trainer, timer: StepTimer) -> list[float]:
+    """One short train() call; the Triton switch is read when the masks bind to the GPU (the first call)."""
+    os.environ["HF_TICKETS_DISABLE_TRITON"] = "1" if arm == "ticket_foreach" else "0"
+    timer.events.clear()
+    trainer.train()
+    return timer.times_ms()
+
+
+def measure_memory(arm: str, masks, args_kwargs: dict, dataset, steps: int) -> tuple[int, int]:
+    """Peak memory of one arm alone (everything else freed first) and its mask violations afterwards."""
+    _reset_memory()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, max_steps=steps, **args_kwargs)
-        if arm.startswith("ticket"):
-            trainer = TicketTrainer(
-                model=model, args=args, train_dataset=dataset, masks=masks.clone(), sparsity_config=sparsity_config,
-                callbacks=[timer],
-            )
-        else:
-            trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
-        enforcement = EnforcementTimer(trainer.masks) if arm.startswith("ticket") and torch.cuda.is_available() else None
-        trainer.train()
-        times = timer.times_ms()
-        enforce_ms = enforcement.total_ms() / steps if enforcement is not None else 0.0
+        trainer, timer = build_arm(arm, masks, args_kwargs, dataset, steps, out)
+        train_once(arm, trainer, timer)
         peak = _peak_memory()
-        violations = trainer.masks.count_violations(model) if arm.startswith("ticket") else 0
-    del trainer, model
-    return times, peak, violations, enforce_ms
+        violations = trainer.masks.count_violations(trainer.model) if arm.startswith("ticket") else 0
+    del trainer
+    _reset_memory()
+    return peak, violations
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=30, help="steps per arm per round")
+    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--arms", default="dense,ticket,ticket_foreach,prune,parametrize")
@@ -187,50 +198,70 @@ def main() -> None:
     del reference
     dataset = RandomTokens(opts.batch_size * opts.steps, opts.seq_len, MODEL_CONFIG.vocab_size)
     args_kwargs = dict(
-        per_device_train_batch_size=opts.batch_size, bf16=torch.cuda.is_available(), learning_rate=1e-4, weight_decay=0.01,
-        report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=10_000, seed=0,
+        per_device_train_batch_size=opts.batch_size, bf16=torch.cuda.is_available(), learning_rate=1e-4,
+        weight_decay=0.01, report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=10_000, seed=0,
         dataloader_num_workers=2,
     )
 
+    # Phase 1: peak memory, each arm alone.
+    peaks, violations = {}, {}
+    for arm in arms:
+        peaks[arm], violations[arm] = measure_memory(arm, masks, args_kwargs, dataset, opts.steps)
+        print(f"memory {arm:14s} peak {peaks[arm] / 2**20:8.0f} MiB  violations {violations[arm]}", flush=True)
+        if violations[arm]:
+            raise SystemExit(f"{arm}: {violations[arm]} masked weights are not zero")
+
+    # Phase 2: step time, all arms resident, interleaved in short rounds (drift on a shared GPU hits all arms).
+    tmp = tempfile.TemporaryDirectory()
+    built = {arm: build_arm(arm, masks, args_kwargs, dataset, opts.steps, os.path.join(tmp.name, arm)) for arm in arms}
+    enforcement = {
+        arm: EnforcementTimer(built[arm][0].masks) for arm in arms if arm.startswith("ticket") and torch.cuda.is_available()
+    }
     medians: dict[str, list[float]] = {a: [] for a in arms}
-    peaks: dict[str, list[int]] = {a: [] for a in arms}
     enforce: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(opts.rounds):
         order = arms if r % 2 == 0 else list(reversed(arms))  # alternate order so no arm always runs first
         for arm in order:
-            times, peak, violations, enforce_ms = run_arm(arm, masks, args_kwargs, dataset, opts.steps)
+            if arm in enforcement:
+                enforcement[arm].pairs.clear()
+            times = train_once(arm, *built[arm])
             medians[arm].append(statistics.median(times[opts.warmup :]))
-            peaks[arm].append(peak)
-            enforce[arm].append(enforce_ms)
-            if violations:
-                raise SystemExit(f"{arm}: {violations} masked weights are not zero")
-            print(
-                f"round {r} {arm:14s} median step {medians[arm][-1]:7.2f} ms  peak {peak / 2**20:8.0f} MiB"
-                f"  enforcement {enforce_ms:.3f} ms/step", flush=True,
-            )
+            if arm in enforcement:
+                enforce[arm].append(enforcement[arm].total_ms() / len(times))
+        print(f"round {r:2d} " + "  ".join(f"{a} {medians[a][-1]:6.2f}" for a in arms), flush=True)
+    for arm in arms:
+        if arm.startswith("ticket"):
+            trainer = built[arm][0]
+            bad = trainer.masks.count_violations(trainer.model)
+            if bad:
+                raise SystemExit(f"{arm}: {bad} masked weights are not zero after timing")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU smoke run"
-    print(f"\n{device}, torch {torch.__version__}, batch {opts.batch_size}, seq {opts.seq_len}, "
-          f"bf16, {opts.rounds} rounds x {opts.steps - opts.warmup} timed steps")
-    print(f"{'arm':14s} {'step ms (median)':>16s} {'time ratio':>10s} {'spread (min-max)':>18s} {'peak MiB':>9s} {'mem ratio':>9s}")
+    print(f"\n{device}, torch {torch.__version__}, batch {opts.batch_size}, seq {opts.seq_len}, bf16, "
+          f"{opts.rounds} interleaved rounds x {opts.steps - opts.warmup} timed steps per arm")
+    print(f"{'arm':14s} {'step ms (median)':>16s} {'time ratio':>10s} {'IQR of ratio':>16s} {'min-max':>14s} "
+          f"{'peak MiB':>9s} {'mem ratio':>9s}")
     results = {}
     for arm in arms:
-        ratios = [a / d for a, d in zip(medians[arm], medians["dense"])]
-        mem = statistics.median(peaks[arm]) / max(statistics.median(peaks["dense"]), 1)
+        ratios = sorted(a / d for a, d in zip(medians[arm], medians["dense"]))
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        mem = peaks[arm] / max(peaks["dense"], 1)
         results[arm] = {
-            "step_ms": medians[arm], "time_ratio_median": statistics.median(ratios), "time_ratio_min": min(ratios),
-            "time_ratio_max": max(ratios), "peak_bytes": peaks[arm], "mem_ratio": mem,
-            "enforcement_ms_per_step": enforce[arm],
+            "step_ms": medians[arm], "time_ratio_median": statistics.median(ratios), "time_ratio_q1": q1,
+            "time_ratio_q3": q3, "time_ratio_min": ratios[0], "time_ratio_max": ratios[-1], "peak_bytes": peaks[arm],
+            "mem_ratio": mem, "enforcement_ms_per_step": enforce[arm],
         }
         print(f"{arm:14s} {statistics.median(medians[arm]):16.2f} {statistics.median(ratios):10.3f} "
-              f"{min(ratios):8.3f}-{max(ratios):<8.3f} {statistics.median(peaks[arm]) / 2**20:9.0f} {mem:9.3f}")
+              f"{q1:7.3f}-{q3:<8.3f} {ratios[0]:6.3f}-{ratios[-1]:<7.3f} {peaks[arm] / 2**20:9.0f} {mem:9.3f}")
     for arm in arms:
-        if arm.startswith("ticket") and any(enforce[arm]):
+        if enforce[arm]:
             share = statistics.median(e / m for e, m in zip(enforce[arm], medians[arm]))
-            print(f"{arm}: masking costs {statistics.median(enforce[arm]):.3f} ms of GPU time per step = {share:.2%} of its step")
+            print(f"{arm}: masking grads + weights costs {statistics.median(enforce[arm]):.3f} ms of GPU time per step "
+                  f"= {share:.2%} of the step")
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump(results, fh, indent=2)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

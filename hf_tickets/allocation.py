@@ -95,18 +95,22 @@ def masks_from_scores(
     return {n: masks[n] for n in names}
 
 
-def nm_masks(scores: Mapping[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
+def nm_masks(
+    scores: Mapping[str, torch.Tensor], n: int, m: int, input_dims: Optional[Mapping[str, int]] = None
+) -> dict[str, torch.Tensor]:
     """Keep the `n` highest scores in every group of `m` consecutive input features.
 
     Groups run along the reduction dimension that sparse tensor cores use: the input features of a Linear weight
     [out, in], and the input channels of a Conv weight [out, in, *kernel] (grouped at each kernel position).
+    `input_dims` names another input dimension per tensor (0 for transformers' Conv1D, stored as [in, out]).
     """
     masks = {}
     for name, score in scores.items():
         if score.dim() < 2:
             raise ValueError(f"N:M pattern needs a weight with >= 2 dims; {name!r} has shape {tuple(score.shape)}.")
-        # channels-last view: [out, *kernel, in] so that groups are consecutive input channels
-        s = score.detach().float().movedim(1, -1) if score.dim() > 2 else score.detach().float()
+        dim = (input_dims or {}).get(name, 1)
+        # input-last view ([out, *kernel, in] for convs) so that groups are consecutive input features
+        s = score.detach().float().movedim(dim, -1)
         if s.shape[-1] % m:
             raise ValueError(
                 f"SparsityConfig.pattern='{n}:{m}' needs the input dimension of {name!r} (size {s.shape[-1]}) to be "
@@ -116,7 +120,7 @@ def nm_masks(scores: Mapping[str, torch.Tensor], n: int, m: int) -> dict[str, to
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
         keep = keep.view(s.shape)
-        masks[name] = keep.movedim(-1, 1).contiguous() if score.dim() > 2 else keep
+        masks[name] = keep.movedim(-1, dim).contiguous()
     return masks
 
 

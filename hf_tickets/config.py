@@ -77,12 +77,15 @@ class SparsityConfig(PushToHubMixin):
     )
     pattern: str = field(default="unstructured", metadata={"help": f"Sparsity pattern: {PATTERNS_HELP}."})
     scope: str = field(default="global", metadata={"help": "global (one threshold) or layerwise (per tensor)."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    # Annotated as lists so that HfArgumentParser can parse them (nargs="+"); in Python a plain string is accepted
+    # too and means a full-match regex, as in peft.
+    target_modules: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Modules to prune: a full-match regex, or a list of names/suffixes. None = all Linear/Conv."},
+        metadata={"help": "Modules to prune: names or name suffixes (in Python also a full-match regex string). "
+                  "None = every Linear/Conv weight."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules never pruned: a full-match regex, or a list of names/suffixes."}
+    exclude_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules never pruned: names or suffixes (in Python also a regex string)."}
     )
     layer_rates: Optional[Union[dict, str]] = field(
         default=None,

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from .allocation import check_layer_rates
 from .config import SparsityConfig
 from .masks import MaskSet
 from .methods import get_method
@@ -23,6 +24,8 @@ def apply_sparsity(model: nn.Module, config: SparsityConfig, masks: Optional[Mas
     """
     if masks is None:
         targets = resolve_targets(model, config)
+        # Checked here, not only in allocation, so that every method (N:M ones too) rejects a key matching nothing.
+        check_layer_rates(list(targets), config.layer_rates)
         masks = get_method(config.method)(config).compute_masks(model, targets)
     masks.validate_for(model)
     masks.apply_(model)

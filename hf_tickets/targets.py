@@ -90,3 +90,12 @@ def rate_factor(param_name: str, layer_rates: Optional[dict]) -> Optional[float]
         if module_matches(module, pattern) or module_matches(module, [pattern]):
             return float(factor)
     return None
+
+
+def input_dims(model: nn.Module, targets: dict[str, nn.Parameter]) -> dict[str, int]:
+    """The input-feature dimension of each targeted weight: 1 ([out, in, ...]), or 0 for Conv1D ([in, out])."""
+    out = {}
+    for name in targets:
+        module = model.get_submodule(module_name_of(name))
+        out[name] = 0 if isinstance(Conv1D, type) and isinstance(module, Conv1D) else 1
+    return out

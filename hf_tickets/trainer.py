@@ -114,6 +114,12 @@ class TicketTrainer(Trainer):
         self.sparsity_callback.mask_grads(self.model)
         return super()._clip_grad_norm(model)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Without clipping, Trainer still measures the norm: make it the sparse network's too.
+        if grad_norm is None:
+            self.sparsity_callback.mask_grads(self.model)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
         """Train; with method="imp", run every IMP level (see `hf_tickets.lottery`).
 
@@ -190,9 +196,12 @@ def _config_from_masks(masks: MaskSet) -> SparsityConfig:
 
     meta = masks.metadata
     method = str(meta.get("method", "magnitude"))
+    # Loaded masks are enforced as they are: describe them as one-shot, never restart an iterative run.
+    if method not in available_methods() or method in ITERATIVE_METHODS:
+        method = "magnitude"
     try:
         return SparsityConfig(
-            method=method if method in available_methods() else "magnitude",
+            method=method,
             sparsity=min(masks.sparsity(), 0.999999),
             pattern=str(meta.get("pattern", "unstructured")),
             scope=str(meta.get("scope", "global")),

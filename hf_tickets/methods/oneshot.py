@@ -7,6 +7,7 @@ from torch import nn
 from ..allocation import masks_from_scores, nm_masks
 from ..masks import MaskSet
 from ..scoring import magnitude_scores, random_scores
+from ..targets import input_dims
 from .base import SparsityMethod, register_method
 
 
@@ -18,7 +19,7 @@ class _OneShot(SparsityMethod):
         cfg = self.config
         scores = self.scores(targets)
         if cfg.nm is not None:
-            masks = nm_masks(scores, *cfg.nm)
+            masks = nm_masks(scores, *cfg.nm, input_dims=input_dims(model, targets))
         else:
             masks = masks_from_scores(scores, cfg.sparsity, scope=cfg.scope, layer_rates=cfg.layer_rates)
         return MaskSet(masks, {"method": cfg.method, "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed})
