@@ -254,7 +254,11 @@ class SparsityConfig(PushToHubMixin):
 
         Adding a field with a default later keeps old hashes, because defaults are not hashed.
         """
-        payload = json.dumps(self.non_default_fields(), sort_keys=True, default=str)
+        fields_ = self.non_default_fields()
+        for name in ("target_modules", "exclude_modules"):  # matching ignores list order, so must the hash
+            if isinstance(fields_.get(name), list):
+                fields_[name] = sorted(fields_[name])
+        payload = json.dumps(fields_, sort_keys=True, default=str)
         return hashlib.md5(payload.encode()).hexdigest()[:length]
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from typing import Iterator, Mapping, Optional, Union
 
 import torch
@@ -56,7 +57,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 raise TypeError(f"mask {name!r} must be a torch.Tensor, got {type(mask).__name__}")
             self._masks[name] = mask if mask.dtype == torch.bool else mask.ne(0)
         self.metadata: dict[str, object] = dict(metadata or {})
-        self._bound: Optional[tuple[int, list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]] = None
+        # (weakref to the bound model, its masked parameters, the masks on their devices, the launch tables)
+        self._bound: Optional[tuple[weakref.ref, list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]] = None
 
     # ---- Mapping ---------------------------------------------------------------------------------------------
 
@@ -143,7 +145,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def _params_and_masks(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]:
         """Parameter and mask lists, cached per model and moved next to the parameters once."""
         # Rebind when the model changes or was moved (Module.to keeps the Parameter objects, not their device).
-        if self._bound is None or self._bound[0] != id(model) or (
+        if self._bound is None or self._bound[0]() is not model or (
             self._bound[1] and self._bound[1][0].device != self._bound[2][0].device
         ):
             params = dict(model.named_parameters())
@@ -153,7 +155,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 if self._masks[n].device != p.device or not self._masks[n].is_contiguous():
                     self._masks[n] = self._masks[n].to(p.device).contiguous()
             mlist = [self._masks[n] for n in self._masks]
-            self._bound = (id(model), plist, mlist, MultiTensorMasker(mlist))
+            self._bound = (weakref.ref(model), plist, mlist, MultiTensorMasker(mlist))
         return self._bound[1], self._bound[2], self._bound[3]
 
     def apply_(self, model: nn.Module) -> nn.Module:
