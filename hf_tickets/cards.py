@@ -38,6 +38,10 @@ def render_sparsity_section(
         model_params=model_params,
         metrics=metrics or {},
         layers=report["layers"],
+        model_class=type(model).__name__ if model is not None else "AutoModel",
+        model_module="hf_tickets.models"
+        if model is not None and type(model).__module__.startswith("hf_tickets.")
+        else "transformers",
     )
     return f"{SECTION_START}\n{body.strip()}\n{SECTION_END}\n"
 

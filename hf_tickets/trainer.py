@@ -212,8 +212,21 @@ def _config_from_masks(masks: MaskSet) -> SparsityConfig:
 
 
 def _last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
-    for entry in reversed(log_history):
-        evals = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-        if evals:
-            return evals
-    return {}
+    """The metrics of the most recent evaluation step (every eval set of it), without timing entries."""
+    timing = ("runtime", "per_second")
+
+    def evals(entry: dict) -> dict:
+        return {
+            k: v
+            for k, v in entry.items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not any(t in k for t in timing)
+        }
+
+    steps = [e.get("step") for e in log_history if evals(e)]
+    if not steps:
+        return {}
+    merged: dict[str, float] = {}
+    for entry in log_history:
+        if entry.get("step") == steps[-1]:
+            merged.update(evals(entry))
+    return merged
