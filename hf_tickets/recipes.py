@@ -15,6 +15,7 @@ test for smoke runs) and `on_device` (image tensors on the training device).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -41,7 +42,7 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"recipe {path!r} not found: pass a YAML file such as recipes/quickstart_digits.yaml.")
     with open(path, encoding="utf-8") as fh:
-        recipe = yaml.safe_load(fh) or {}
+        recipe = _coerce_numbers(yaml.safe_load(fh) or {})
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path!r} must be a YAML mapping with sections {list(SECTIONS)}.")
     unknown = sorted(set(recipe) - set(SECTIONS))
@@ -59,12 +60,26 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section with keys in {path!r}.")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _coerce_numbers(yaml.safe_load(value))
     recipe.setdefault("model", {})
     recipe.setdefault("data", {})
     recipe.setdefault("sparsity", {})
     recipe.setdefault("training", {})
     return recipe
+
+
+_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _coerce_numbers(value: Any) -> Any:
+    """YAML 1.1 reads `5e-5` (no dot) as a string; read it as the float everyone means."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _coerce_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_coerce_numbers(v) for v in value]
+    return value
 
 
 def accuracy(eval_pred) -> dict[str, float]:

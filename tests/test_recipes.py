@@ -211,3 +211,14 @@ def test_bad_recipe_values_fail_before_training(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         build_trainer(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 5e-5 as a string; recipes and overrides must give TrainingArguments a float."""
+    from hf_tickets.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("training:\n  learning_rate: 2e-5\nsparsity:\n  method: magnitude\n")
+    recipe = load_recipe(str(path), ["training.weight_decay=1e-4", "training.output_dir=out"])
+    assert recipe["training"]["learning_rate"] == 2e-5 and recipe["training"]["weight_decay"] == 1e-4
+    assert recipe["training"]["output_dir"] == "out"
