@@ -104,6 +104,7 @@ class TicketTrainer(Trainer):
 
     def set_masks(self, masks: MaskSet) -> None:
         """Enforce `masks` from now on (zeroes the newly pruned weights at once)."""
+        self._masks_logged = None  # the next log line carries the per-layer sparsity again
         self.masks = apply_sparsity(self.model, self.sparsity_config, masks=masks)
         self.sparsity_callback.masks = self.masks
 
@@ -152,10 +153,17 @@ class TicketTrainer(Trainer):
         return run_control(self, kind, trunk_dir or self.args.output_dir, levels)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add overall sparsity to every log, and per-layer sparsity to the first log after the masks change.
+
+        Per-layer values only change with the masks, so repeating ~one key per layer on every line would only
+        bury the loss in the console and in `report_to` backends.
+        """
         logs = dict(logs)
         logs["sparsity"] = round(self.masks.sparsity(), 6)
-        for name, value in self.masks.layer_sparsity().items():
-            logs[f"sparsity/{name}"] = round(value, 6)
+        if getattr(self, "_masks_logged", None) is not self.masks:
+            for name, value in self.masks.layer_sparsity().items():
+                logs[f"sparsity/{name}"] = round(value, 6)
+            self._masks_logged = self.masks
         super().log(logs, *args, **kwargs)
 
     # ---- saving -----------------------------------------------------------------------------------------------

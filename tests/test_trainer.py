@@ -257,9 +257,19 @@ def test_sparsity_is_logged(tmp_path):
     assert len(step_logs) == 3
     for entry in trainer.state.log_history:  # the train summary too
         assert entry["sparsity"] == pytest.approx(trainer.masks.sparsity(), abs=1e-6)
-        for name, value in trainer.masks.layer_sparsity().items():
-            assert entry[f"sparsity/{name}"] == pytest.approx(value, abs=1e-6)
-        assert {k for k in entry if k.startswith("sparsity/")} == {f"sparsity/{n}" for n in trainer.masks}
+    # per-layer sparsity: on the first line after the masks are set, not repeated while they do not change
+    first, *rest = trainer.state.log_history
+    for name, value in trainer.masks.layer_sparsity().items():
+        assert first[f"sparsity/{name}"] == pytest.approx(value, abs=1e-6)
+    assert {k for k in first if k.startswith("sparsity/")} == {f"sparsity/{n}" for n in trainer.masks}
+    assert all(not any(k.startswith("sparsity/") for k in entry) for entry in rest)
+    # new masks: the next line carries the new per-layer values
+    new_masks = apply_sparsity(model, SparsityConfig(sparsity=0.8, scope="layerwise"))
+    trainer.set_masks(new_masks)
+    trainer.log({"loss": 0.0})
+    last = trainer.state.log_history[-1]
+    assert {k for k in last if k.startswith("sparsity/")} == {f"sparsity/{n}" for n in trainer.masks}
+    assert last["sparsity"] == pytest.approx(0.8, abs=1e-2)
 
 
 # ---- gradient norm after masking -----------------------------------------------------------------------------------
