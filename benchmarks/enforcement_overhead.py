@@ -4,7 +4,7 @@ Arms, all on the same BERT-base-sized model built from a config (no download), b
   dense        plain `transformers.Trainer` (no masks: the baseline)
   ticket       `TicketTrainer` with 90% global magnitude masks on every Linear weight
   ticket_foreach  the same with the Triton kernel switched off (HF_TICKETS_DISABLE_TRITON=1): foreach multiply
-  prune        plain Trainer on a model masked with `torch.nn.utils.prune.custom_from_mask` (mask applied every forward)
+  prune        plain Trainer, model masked with `torch.nn.utils.prune.custom_from_mask` (mask applied every forward)
   parametrize  plain Trainer with a `torch.nn.utils.parametrize` masking parametrization
 
 Peak memory is measured first, each arm alone (everything of the previous arm freed). Then all arms stay resident
@@ -143,7 +143,12 @@ def build_arm(arm: str, masks, args_kwargs: dict, dataset, steps: int, out: str)
     if arm.startswith("ticket"):
         config = SparsityConfig(method="magnitude", sparsity=0.9, scope="global")
         trainer = TicketTrainer(
-            model=model, args=args, train_dataset=dataset, masks=masks.clone(), sparsity_config=config, callbacks=[timer]
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            masks=masks.clone(),
+            sparsity_config=config,
+            callbacks=[timer],
         )
     else:
         trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
@@ -185,7 +190,12 @@ def main() -> None:
     global MODEL_CONFIG
     if opts.tiny:
         MODEL_CONFIG = BertConfig(
-            vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
+            vocab_size=500,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
         )
     elif not torch.cuda.is_available():
         raise SystemExit("this benchmark times CUDA steps: run it on a GPU machine (or pass --tiny for a smoke run)")
@@ -198,8 +208,15 @@ def main() -> None:
     del reference
     dataset = RandomTokens(opts.batch_size * opts.steps, opts.seq_len, MODEL_CONFIG.vocab_size)
     args_kwargs = dict(
-        per_device_train_batch_size=opts.batch_size, bf16=torch.cuda.is_available(), learning_rate=1e-4,
-        weight_decay=0.01, report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=10_000, seed=0,
+        per_device_train_batch_size=opts.batch_size,
+        bf16=torch.cuda.is_available(),
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=10_000,
+        seed=0,
         dataloader_num_workers=2,
     )
 
@@ -215,7 +232,9 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     built = {arm: build_arm(arm, masks, args_kwargs, dataset, opts.steps, os.path.join(tmp.name, arm)) for arm in arms}
     enforcement = {
-        arm: EnforcementTimer(built[arm][0].masks) for arm in arms if arm.startswith("ticket") and torch.cuda.is_available()
+        arm: EnforcementTimer(built[arm][0].masks)
+        for arm in arms
+        if arm.startswith("ticket") and torch.cuda.is_available()
     }
     medians: dict[str, list[float]] = {a: [] for a in arms}
     enforce: dict[str, list[float]] = {a: [] for a in arms}
@@ -237,27 +256,41 @@ def main() -> None:
                 raise SystemExit(f"{arm}: {bad} masked weights are not zero after timing")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU smoke run"
-    print(f"\n{device}, torch {torch.__version__}, batch {opts.batch_size}, seq {opts.seq_len}, bf16, "
-          f"{opts.rounds} interleaved rounds x {opts.steps - opts.warmup} timed steps per arm")
-    print(f"{'arm':14s} {'step ms (median)':>16s} {'time ratio':>10s} {'IQR of ratio':>16s} {'min-max':>14s} "
-          f"{'peak MiB':>9s} {'mem ratio':>9s}")
+    print(
+        f"\n{device}, torch {torch.__version__}, batch {opts.batch_size}, seq {opts.seq_len}, bf16, "
+        f"{opts.rounds} interleaved rounds x {opts.steps - opts.warmup} timed steps per arm"
+    )
+    print(
+        f"{'arm':14s} {'step ms (median)':>16s} {'time ratio':>10s} {'IQR of ratio':>16s} {'min-max':>14s} "
+        f"{'peak MiB':>9s} {'mem ratio':>9s}"
+    )
     results = {}
     for arm in arms:
         ratios = sorted(a / d for a, d in zip(medians[arm], medians["dense"]))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
         mem = peaks[arm] / max(peaks["dense"], 1)
         results[arm] = {
-            "step_ms": medians[arm], "time_ratio_median": statistics.median(ratios), "time_ratio_q1": q1,
-            "time_ratio_q3": q3, "time_ratio_min": ratios[0], "time_ratio_max": ratios[-1], "peak_bytes": peaks[arm],
-            "mem_ratio": mem, "enforcement_ms_per_step": enforce[arm],
+            "step_ms": medians[arm],
+            "time_ratio_median": statistics.median(ratios),
+            "time_ratio_q1": q1,
+            "time_ratio_q3": q3,
+            "time_ratio_min": ratios[0],
+            "time_ratio_max": ratios[-1],
+            "peak_bytes": peaks[arm],
+            "mem_ratio": mem,
+            "enforcement_ms_per_step": enforce[arm],
         }
-        print(f"{arm:14s} {statistics.median(medians[arm]):16.2f} {statistics.median(ratios):10.3f} "
-              f"{q1:7.3f}-{q3:<8.3f} {ratios[0]:6.3f}-{ratios[-1]:<7.3f} {peaks[arm] / 2**20:9.0f} {mem:9.3f}")
+        print(
+            f"{arm:14s} {statistics.median(medians[arm]):16.2f} {statistics.median(ratios):10.3f} "
+            f"{q1:7.3f}-{q3:<8.3f} {ratios[0]:6.3f}-{ratios[-1]:<7.3f} {peaks[arm] / 2**20:9.0f} {mem:9.3f}"
+        )
     for arm in arms:
         if enforce[arm]:
             share = statistics.median(e / m for e, m in zip(enforce[arm], medians[arm]))
-            print(f"{arm}: masking grads + weights costs {statistics.median(enforce[arm]):.3f} ms of GPU time per step "
-                  f"= {share:.2%} of the step")
+            print(
+                f"{arm}: masking grads + weights costs {statistics.median(enforce[arm]):.3f} ms of GPU time per step "
+                f"= {share:.2%} of the step"
+            )
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -37,8 +37,10 @@ def _cmd_run(opts: argparse.Namespace) -> int:
         for kind, rows in report["controls"].items():
             for row in rows:
                 acc = score(row)[0]
-                print(f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
-                      f"accuracy {acc}")
+                print(
+                    f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
+                    f"accuracy {acc}"
+                )
         print(f"winning-ticket levels (within {report['tolerance']} of dense): {report['winning_ticket_levels']}")
     print(f"ticket: {summary['ticket_dir']}")
     return 0
@@ -52,8 +54,10 @@ def _cmd_inspect(opts: argparse.Namespace) -> int:
     if opts.json:
         print(json.dumps(dict(report, metadata=masks.metadata), indent=2, default=str))
         return 0
-    print(f"{opts.path}: {len(masks)} masked tensors, sparsity {report['sparsity']:.4f} "
-          f"({report['kept']} of {report['numel']} kept)")
+    print(
+        f"{opts.path}: {len(masks)} masked tensors, sparsity {report['sparsity']:.4f} "
+        f"({report['kept']} of {report['numel']} kept)"
+    )
     print(f"metadata: {json.dumps(masks.metadata, default=str)}")
     width = max(len(n) for n in report["layers"]) if report["layers"] else 10
     for name, row in report["layers"].items():
@@ -65,8 +69,11 @@ def _cmd_report(opts: argparse.Namespace) -> int:
     from .lottery import write_report
 
     report = write_report(opts.path, tolerance=opts.tolerance)
-    print(json.dumps({k: report[k] for k in ("dense_accuracy", "winning_ticket_levels", "rewind_vs_reinit_gap")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("dense_accuracy", "winning_ticket_levels", "rewind_vs_reinit_gap")}, indent=2
+        )
+    )
     return 0
 
 
@@ -81,7 +88,9 @@ def _cmd_card(opts: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-tickets", description="Lottery tickets and sparse training for transformers.")
+    parser = argparse.ArgumentParser(
+        prog="hf-tickets", description="Lottery tickets and sparse training for transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe (YAML) end to end")
     run.add_argument("recipe", help="recipe file, or a name under recipes/ such as quickstart_digits")

@@ -81,15 +81,19 @@ class SparsityConfig(PushToHubMixin):
     # too and means a full-match regex, as in peft.
     target_modules: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Modules to prune: names or name suffixes (in Python also a full-match regex string). "
-                  "None = every Linear/Conv weight."},
+        metadata={
+            "help": "Modules to prune: names or name suffixes (in Python also a full-match regex string). "
+            "None = every Linear/Conv weight."
+        },
     )
     exclude_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules never pruned: names or suffixes (in Python also a regex string)."}
     )
     layer_rates: Optional[Union[dict, str]] = field(
         default=None,
-        metadata={"help": 'Per-layer rate multipliers as JSON, e.g. {"classifier": 0.5} prunes the head at half rate.'},
+        metadata={
+            "help": 'Per-layer rate multipliers as JSON, e.g. {"classifier": 0.5} prunes the head at half rate.'
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed for every random choice; identical on all ranks."})
     prune_fraction: float = field(
@@ -128,8 +132,10 @@ class SparsityConfig(PushToHubMixin):
                 "zero, e.g. sparsity=0.9."
             )
         if self.sparsity is not None:
-            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not (
-                0.0 <= float(self.sparsity) < 1.0
+            if (
+                isinstance(self.sparsity, bool)
+                or not isinstance(self.sparsity, (int, float))
+                or not (0.0 <= float(self.sparsity) < 1.0)
             ):
                 raise ValueError(
                     f"SparsityConfig.sparsity={self.sparsity!r} is outside [0, 1): give the fraction of weights to "
@@ -154,7 +160,9 @@ class SparsityConfig(PushToHubMixin):
                 setattr(self, name, sorted(value))
         if self.layer_rates is not None:
             if not isinstance(self.layer_rates, dict):
-                raise ValueError(f"SparsityConfig.layer_rates must be a dict or JSON object, got {self.layer_rates!r}.")
+                raise ValueError(
+                    f"SparsityConfig.layer_rates must be a dict or JSON object, got {self.layer_rates!r}."
+                )
             for pattern, rate in self.layer_rates.items():
                 if not isinstance(rate, (int, float)) or rate < 0 or float(rate) * self.max_rate() >= 1.0:
                     raise ValueError(
@@ -166,15 +174,21 @@ class SparsityConfig(PushToHubMixin):
 
     def _validate_iterative(self) -> None:
         if self.pattern != "unstructured":
-            raise ValueError(f"SparsityConfig.pattern={self.pattern!r} is not supported with method='imp': use unstructured.")
-        if isinstance(self.prune_fraction, bool) or not isinstance(self.prune_fraction, (int, float)) or not (
-            0.0 < float(self.prune_fraction) < 1.0
+            raise ValueError(
+                f"SparsityConfig.pattern={self.pattern!r} is not supported with method='imp': use unstructured."
+            )
+        if (
+            isinstance(self.prune_fraction, bool)
+            or not isinstance(self.prune_fraction, (int, float))
+            or not (0.0 < float(self.prune_fraction) < 1.0)
         ):
             raise ValueError(
                 f"SparsityConfig.prune_fraction={self.prune_fraction!r} is outside (0, 1): give the fraction of alive "
                 "weights pruned per level, e.g. 0.2."
             )
-        if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1):
+        if self.levels is not None and (
+            isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1
+        ):
             raise ValueError(f"SparsityConfig.levels={self.levels!r} must be an integer >= 1.")
         if self.levels is None and self.sparsity is None:
             raise ValueError("method='imp' needs SparsityConfig.levels or a target SparsityConfig.sparsity: give one.")
@@ -278,7 +292,11 @@ class SparsityConfig(PushToHubMixin):
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
             self._upload_modified_files(
-                save_directory, repo_id, [path], commit_message=kwargs.pop("commit_message", None), token=kwargs.get("token")
+                save_directory,
+                repo_id,
+                [path],
+                commit_message=kwargs.pop("commit_message", None),
+                token=kwargs.get("token"),
             )
 
     @classmethod
@@ -304,7 +322,9 @@ class SparsityConfig(PushToHubMixin):
         return cls.from_dict(data)
 
 
-def _resolve_file(name_or_path: Union[str, os.PathLike], filename: str, revision: Optional[str] = None, **hub_kwargs) -> str:
+def _resolve_file(
+    name_or_path: Union[str, os.PathLike], filename: str, revision: Optional[str] = None, **hub_kwargs
+) -> str:
     """A file from a local folder, else from the Hub (honours HF_ENDPOINT and the local cache)."""
     local = os.path.join(str(name_or_path), filename)
     if os.path.isdir(str(name_or_path)):

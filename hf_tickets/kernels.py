@@ -79,7 +79,10 @@ class MultiTensorMasker:
         dtype, size = targets[0].dtype, targets[0].element_size()
         base = targets[0].data_ptr()
         return all(
-            t.dtype == dtype and t.device == self.device and t.is_contiguous() and t.shape == m.shape
+            t.dtype == dtype
+            and t.device == self.device
+            and t.is_contiguous()
+            and t.shape == m.shape
             and (t.data_ptr() - base) % size == 0
             for t, m in zip(targets, self.masks)
         )
@@ -96,14 +99,22 @@ class MultiTensorMasker:
             self._target_ptrs = ptrs
         grid = (self.block_tensor.numel(),)
         _zero_pruned_kernel[grid](
-            targets[0], self._target_offsets, self.mask_bytes[0], self.mask_offsets, self.block_tensor,
-            self.block_start, self.numels, BLOCK=BLOCK,
+            targets[0],
+            self._target_offsets,
+            self.mask_bytes[0],
+            self.mask_offsets,
+            self.block_tensor,
+            self.block_start,
+            self.numels,
+            BLOCK=BLOCK,
         )
         return True
 
 
 @torch.no_grad()
-def zero_pruned_(targets: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], masker: Optional[MultiTensorMasker]) -> None:
+def zero_pruned_(
+    targets: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], masker: Optional[MultiTensorMasker]
+) -> None:
     """Zero `targets[i]` where `masks[i]` is False: one Triton launch when possible, else one foreach call."""
     if not targets:
         return

@@ -101,7 +101,12 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def report(self) -> dict:
         """Overall and per-tensor counts, as written to sparsity_report.json."""
         layers = {
-            n: {"shape": list(m.shape), "numel": m.numel(), "kept": int(m.sum()), "sparsity": 1.0 - float(m.sum()) / max(m.numel(), 1)}
+            n: {
+                "shape": list(m.shape),
+                "numel": m.numel(),
+                "kept": int(m.sum()),
+                "sparsity": 1.0 - float(m.sum()) / max(m.numel(), 1),
+            }
             for n, m in self._masks.items()
         }
         total = sum(v["numel"] for v in layers.values())
@@ -145,8 +150,10 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def _params_and_masks(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]:
         """Parameter and mask lists, cached per model and moved next to the parameters once."""
         # Rebind when the model changes or was moved (Module.to keeps the Parameter objects, not their device).
-        if self._bound is None or self._bound[0]() is not model or (
-            self._bound[1] and self._bound[1][0].device != self._bound[2][0].device
+        if (
+            self._bound is None
+            or self._bound[0]() is not model
+            or (self._bound[1] and self._bound[1][0].device != self._bound[2][0].device)
         ):
             params = dict(model.named_parameters())
             self.validate_for(model)
@@ -182,7 +189,9 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     # ---- I/O -------------------------------------------------------------------------------------------------
 
-    def save(self, save_directory: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, object]] = None) -> str:
+    def save(
+        self, save_directory: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, object]] = None
+    ) -> str:
         """Write `masks.safetensors` (bit-packed) and `sparsity_report.json`, atomically; return the masks path."""
         from safetensors.torch import save_file
 
@@ -192,7 +201,10 @@ class MaskSet(Mapping[str, torch.Tensor]):
         packed = {n: pack_bits(m) for n, m in self._masks.items()}
         meta = dict(self.metadata)
         meta.update(extra_metadata or {})
-        tensors = {n: {"shape": list(m.shape), "sparsity": round(1.0 - float(m.sum()) / max(m.numel(), 1), 8)} for n, m in self._masks.items()}
+        tensors = {
+            n: {"shape": list(m.shape), "sparsity": round(1.0 - float(m.sum()) / max(m.numel(), 1), 8)}
+            for n, m in self._masks.items()
+        }
         header = {
             "format": "pt",
             "hf_tickets_version": __version__,

@@ -68,8 +68,18 @@ def make_trainer(out, config, callbacks=(), seed=0, **arg_overrides):
     torch.manual_seed(seed)
     model = build_model("lenet_300_100", num_channels=1, image_size=8, hidden_sizes=[32, 16])
     kwargs = dict(
-        max_steps=20, per_device_train_batch_size=16, learning_rate=5e-3, weight_decay=0.01, eval_strategy="steps",
-        eval_steps=5, logging_steps=5, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=seed,
+        max_steps=20,
+        per_device_train_batch_size=16,
+        learning_rate=5e-3,
+        weight_decay=0.01,
+        eval_strategy="steps",
+        eval_steps=5,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
     )
     kwargs.update(arg_overrides)
     return TicketTrainer(

@@ -69,7 +69,9 @@ def run_control(trainer: "TicketTrainer", kind: str, trunk_dir: str, levels: Opt
     missing = [level for level in levels if level not in available]
     if missing:
         raise ValueError(f"trunk {trunk_dir!r} has no finished pruned level {missing}: finished ones are {available}.")
-    trunk_config = SparsityConfig.from_pretrained(level_dir(trunk_dir, levels[0])) if levels else trainer.sparsity_config
+    trunk_config = (
+        SparsityConfig.from_pretrained(level_dir(trunk_dir, levels[0])) if levels else trainer.sparsity_config
+    )
     if trunk_config.rewind not in ("init", "step"):
         raise ValueError(
             f"controls rewind like the trunk, but the trunk used rewind={trunk_config.rewind!r}: controls are defined "

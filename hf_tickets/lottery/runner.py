@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from safetensors.torch import load_model
 
@@ -87,8 +87,14 @@ class IMPRunner:
             if level > 0:
                 masks = self._masks_after(level - 1, masks)
             start, callbacks = self._start(level, k, init_file, rewind_dir)
-            output = train_level(trainer, final, masks, start, {"rewind": cfg.rewind, "rewind_step_k": k,
-                                                                 "config_hash": cfg.hashname()}, callbacks)
+            output = train_level(
+                trainer,
+                final,
+                masks,
+                start,
+                {"rewind": cfg.rewind, "rewind_step_k": k, "config_hash": cfg.hashname()},
+                callbacks,
+            )
         from .report import write_report
 
         write_report(self.root)
@@ -98,8 +104,9 @@ class IMPRunner:
         """Prune the finished `level`'s final weights: masks for level + 1 (a subset of `current`)."""
         final = level_dir(self.root, level)
         model = self.trainer.model
-        load_model(model, os.path.join(final, "model.safetensors"), strict=False,
-                   device=str(next(model.parameters()).device))
+        load_model(
+            model, os.path.join(final, "model.safetensors"), strict=False, device=str(next(model.parameters()).device)
+        )
         return self.method.prune(model, current, level + 1)
 
     def _start(self, level: int, k: int, init_file: str, rewind_dir: str) -> tuple[LevelStart, tuple]:

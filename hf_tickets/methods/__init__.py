@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import SparsityMethod, available_methods, get_method, register_method
 from . import imp, oneshot  # noqa: F401  (register "imp", "magnitude" and "random")
+from .base import SparsityMethod, available_methods, get_method, register_method
 
 __all__ = ["SparsityMethod", "available_methods", "get_method", "register_method"]

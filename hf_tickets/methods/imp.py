@@ -24,15 +24,27 @@ class IterativeMagnitudePruning(SparsityMethod):
         targets = {name: params[name] for name in current}
         cfg = self.config
         masks = masks_from_scores(
-            magnitude_scores(targets), cfg.prune_fraction, scope=cfg.scope, layer_rates=cfg.layer_rates,
-            current=current, relative=True,
+            magnitude_scores(targets),
+            cfg.prune_fraction,
+            scope=cfg.scope,
+            layer_rates=cfg.layer_rates,
+            current=current,
+            relative=True,
         )
         return MaskSet(masks, self._metadata(level=level))
 
     def _metadata(self, level: int) -> dict:
         cfg = self.config
-        return {"method": "imp", "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed, "level": level,
-                "rewind": cfg.rewind, "rewind_step": cfg.rewind_step, "prune_fraction": cfg.prune_fraction}
+        return {
+            "method": "imp",
+            "pattern": cfg.pattern,
+            "scope": cfg.scope,
+            "seed": cfg.seed,
+            "level": level,
+            "rewind": cfg.rewind,
+            "rewind_step": cfg.rewind_step,
+            "prune_fraction": cfg.prune_fraction,
+        }
 
 
 register_method("imp", IterativeMagnitudePruning)
