@@ -42,7 +42,8 @@ def _cmd_run(opts: argparse.Namespace) -> int:
                     f"accuracy {acc}"
                 )
         print(f"winning-ticket levels (within {report['tolerance']} of dense): {report['winning_ticket_levels']}")
-    print(f"ticket: {summary['ticket_dir']}")
+    if "ticket_dir" in summary:  # absent on non-writing ranks of a distributed run
+        print(f"ticket: {summary['ticket_dir']}")
     return 0
 
 

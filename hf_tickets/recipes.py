@@ -291,8 +291,10 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     if trainer.sparsity_config.method == "imp":
         for kind in recipe.get("controls") or []:
             trainer.train_control(kind, levels=recipe.get("control_levels"))
-        summary["report"] = write_report(root)
-        summary["ticket_dir"] = export_ticket(root, trainer, **(recipe.get("ticket") or {}))
+        if trainer.args.should_save:  # one process writes the report and the ticket (torchrun / accelerate)
+            summary["report"] = write_report(root)
+            summary["ticket_dir"] = export_ticket(root, trainer, **(recipe.get("ticket") or {}))
+        trainer.accelerator.wait_for_everyone()
     else:
         trainer.save_model(root)
         summary["ticket_dir"] = root

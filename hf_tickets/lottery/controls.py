@@ -81,7 +81,10 @@ def run_control(trainer: "TicketTrainer", kind: str, trunk_dir: str, levels: Opt
     reinit_file = None
     if kind == "reinit":
         seed = trunk_config.seed + REINIT_SEED_OFFSET
-        reinit_file = fresh_init_weights(trainer.model, seed, os.path.join(out_root, "reinit_weights.safetensors"))
+        reinit_file = os.path.join(out_root, "reinit_weights.safetensors")
+        if trainer.args.should_save:
+            fresh_init_weights(trainer.model, seed, reinit_file)
+        trainer.accelerator.wait_for_everyone()
     for level in levels:
         final = level_dir(out_root, level)
         if is_complete(final):
@@ -106,7 +109,8 @@ def run_control(trainer: "TicketTrainer", kind: str, trunk_dir: str, levels: Opt
         train_level(trainer, final, masks, start, extra)
     from .report import write_report
 
-    write_report(trunk_dir)
+    if trainer.args.should_save:
+        write_report(trunk_dir)
     return out_root
 
 

@@ -103,7 +103,7 @@ class RewindCapture(TrainerCallback):
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step and not os.path.isdir(self.destination):
+        if args.should_save and state.global_step == self.step and not os.path.isdir(self.destination):
             source = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.step}")
             tmp = self.destination + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -111,10 +111,10 @@ class RewindCapture(TrainerCallback):
             os.replace(tmp, self.destination)
 
 
-def save_init_weights(model: torch.nn.Module, root: str) -> str:
-    """theta_0 on disk (safetensors), written once: the rewind target of rewind='init' and of the controls."""
+def save_init_weights(model: torch.nn.Module, root: str, write: bool = True) -> str:
+    """theta_0 on disk (safetensors), written once (by the writing process): the rewind target of rewind='init'."""
     path = os.path.join(root, INIT_WEIGHTS_NAME)
-    if not os.path.isfile(path):
+    if write and not os.path.isfile(path):
         os.makedirs(root, exist_ok=True)
         tmp = path + ".tmp"
         save_model(model, tmp)
@@ -157,21 +157,29 @@ def train_level(
         if trainer.lr_scheduler is not None:
             metrics["last_learning_rate"] = float(trainer.lr_scheduler.get_last_lr()[0])
         metrics.update(extra_metrics or {})
-        with open(os.path.join(partial, METRICS_NAME + ".tmp"), "w", encoding="utf-8") as fh:
-            json.dump(metrics, fh, indent=2, sort_keys=True, default=str)
-        os.replace(os.path.join(partial, METRICS_NAME + ".tmp"), os.path.join(partial, METRICS_NAME))
-        for name in os.listdir(partial):
-            if name.startswith(PREFIX_CHECKPOINT_DIR):
-                shutil.rmtree(os.path.join(partial, name))
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        os.replace(partial, final_dir)
+        if trainer.args.should_save:  # one process writes (DDP/FSDP: every rank trained the same level)
+            _finish_level(partial, final_dir, metrics)
+        trainer.accelerator.wait_for_everyone()
         return metrics
     finally:
         for cb in callbacks:
             trainer.remove_callback(cb)
         for name, value in saved_args.items():
             setattr(trainer.args, name, value)
+
+
+def _finish_level(partial: str, final_dir: str, metrics: dict) -> None:
+    """metrics.json, drop the level's Trainer checkpoints, then publish the folder with one rename."""
+    tmp = os.path.join(partial, METRICS_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, os.path.join(partial, METRICS_NAME))
+    for name in os.listdir(partial):
+        if name.startswith(PREFIX_CHECKPOINT_DIR):
+            shutil.rmtree(os.path.join(partial, name))
+    if os.path.isdir(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(partial, final_dir)
 
 
 def _split_names(trainer: Trainer) -> tuple[str, Optional[str]]:

@@ -75,7 +75,8 @@ class IMPRunner:
         cfg, trainer = self.config, self.trainer
         k = self.rewind_step()
         levels = cfg.num_levels()
-        init_file = save_init_weights(trainer.model, self.root)
+        init_file = save_init_weights(trainer.model, self.root, write=trainer.args.should_save)
+        trainer.accelerator.wait_for_everyone()
         rewind_dir = os.path.join(self.root, REWIND_DIR)
         masks = trainer.masks
         output = None
@@ -97,7 +98,8 @@ class IMPRunner:
             )
         from .report import write_report
 
-        write_report(self.root)
+        if trainer.args.should_save:
+            write_report(self.root)
         return output
 
     def _masks_after(self, level: int, current: MaskSet) -> MaskSet:
