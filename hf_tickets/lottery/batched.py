@@ -1,0 +1,369 @@
+"""Train K masked copies of one architecture at once: stacked parameters, `torch.func.vmap`, stacked masks.
+
+An LTH experiment is many small trainings of the same network (IMP trunk, reinit and random-pruning controls,
+replicates). For a network as small as LeNet-300-100 one training step is a few microseconds of GPU work and
+hundreds of microseconds of host work (Python, dispatch, kernel launches), so a single network leaves the GPU idle.
+`BatchedMaskedTraining` puts the K networks' parameters side by side and runs one forward/backward/update for all
+of them: the launch count per step is that of one network, the work per launch is K times larger.
+
+How a step works (`BatchedMaskedTraining.step`):
+
+1. the K losses come from `vmap(loss)` over the stacked parameters (`functional_call` of one storage-less skeleton
+   of the module), with the data batch shared by all K networks (`in_dims=None`) or one batch per network; one
+   `torch.autograd.grad` of the K losses gives every network's gradient (the losses are independent, so the
+   gradient of their sum w.r.t. network k's weights is network k's own; plain autograd through the batched ops
+   costs less host time than `vmap(grad(...))`);
+2. the K x (all parameters) gradients are concatenated into one flat tensor laid out like the flat parameter
+   buffer, so the optimizer is a handful of whole-buffer tensor ops, never a Python loop over networks or layers;
+3. pruned gradients are zeroed before the update and pruned weights after it (`masked_fill_` with the stacked
+   masks), the rule `TicketTrainer` enforces for one network;
+4. SGD (momentum, Nesterov, weight decay) or Adam/AdamW with the step count and the learning rate held as device
+   tensors.
+
+Nothing in a step reads a value back to the host (no `.item()`, no branching on tensor values) and every shape is
+fixed, so the step can be captured in a CUDA graph with static input buffers (see `benchmarks/imp_throughput.py`).
+The update rules are those of `torch.optim.SGD` (dampening 0) and `torch.optim.Adam`/`AdamW` (the `capturable`
+form of the bias correction): `tests/test_batched.py` checks that K networks trained together end with the same
+weights as each trained alone with `torch.optim` and `MaskSet` enforcement.
+
+Limits: one floating dtype for all trained parameters; modules whose forward writes buffers in place
+(BatchNorm's running statistics) are refused with `NotImplementedError`; other buffers are passed stacked and
+read-only. Dropout draws different randomness per network (`randomness="different"`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+__all__ = ["OPTIMIZERS", "BatchedMaskedTraining", "cross_entropy", "logits_of"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+ModelsArg = Union[Sequence[nn.Module], Callable[[int], nn.Module]]
+MasksArg = Sequence[Optional[Mapping[str, torch.Tensor]]]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, the value of `F.cross_entropy(logits, labels)`, written as log_softmax + gather.
+
+    Under `vmap`, `F.cross_entropy` runs through Python decompositions of nll_loss; these two ops have native
+    batching rules and cost a fraction of the host time.
+    """
+    return -F.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).mean()
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits of a model's output: a tensor, an output object with `.logits` (transformers), or a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}: return a tensor, an object with "
+        "`.logits`, or a tuple whose first element is the logits (or pass output_fn=...)."
+    )
+
+
+class BatchedMaskedTraining:
+    """K masked copies of one architecture trained together, each with its own weights, masks and optimizer state.
+
+    Args:
+        models: K modules of one architecture (each with its own initial weights, e.g. theta_0 for the trunk and
+            random-pruning arms and a fresh initialisation for the reinit arm), or a factory `f(i) -> module`
+            called once per arm (K = `len(masks)`). The modules are copied, never changed.
+        masks: one mapping per arm, parameter name -> bool mask (True = kept), e.g. a `MaskSet`; None for a dense
+            arm. Parameters no mask names are trained densely.
+        optimizer: `"sgd"` (torch.optim.SGD, dampening 0), `"adam"` (torch.optim.Adam, L2 weight decay) or
+            `"adamw"` (torch.optim.AdamW, decoupled weight decay).
+        lr, momentum, nesterov, weight_decay, betas, eps: as in torch.optim; one value for all arms.
+        loss_fn: `loss_fn(logits, labels) -> scalar`, default `cross_entropy` (mean, as the hf_tickets models).
+        output_fn: maps the module's output to the logits (default `logits_of`).
+        device: where to train (default: the device of the first model's parameters).
+        randomness: `vmap` randomness for dropout and the like: `"different"` per arm, `"same"`, or `"error"`.
+
+    Attributes:
+        params: name -> stacked parameter `[K, *shape]`, views of one flat buffer (updated in place by `step`).
+        masks: name -> stacked bool mask `[K, *shape]` (all True for parameters without a mask).
+    """
+
+    def __init__(
+        self,
+        models: ModelsArg,
+        masks: MasksArg,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        output_fn: Callable[[object], torch.Tensor] = logits_of,
+        device: Optional[Union[str, torch.device]] = None,
+        randomness: str = "different",
+    ) -> None:
+        masks = list(masks)
+        if not masks:
+            raise ValueError("masks must hold one entry per network (None for a dense one); got an empty list.")
+        if callable(models) and not isinstance(models, nn.Module):
+            models = [models(i) for i in range(len(masks))]
+        models = list(models)
+        if len(models) != len(masks):
+            raise ValueError(f"got {len(models)} models but {len(masks)} mask sets: give one mask set per model.")
+        optimizer = optimizer.lower()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not supported: use one of {OPTIMIZERS}.")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD).")
+        _check_architecture(models)
+
+        self.num_models = len(models)
+        self.optimizer = optimizer
+        self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        self._loss_fn = loss_fn if loss_fn is not None else cross_entropy
+        self._output_fn = output_fn
+
+        first = models[0]
+        ref_param = next(first.parameters())
+        self.device = torch.device(device) if device is not None else ref_param.device
+        stacked_params, stacked_buffers = stack_module_state(models)
+        trained = [n for n, p in first.named_parameters() if p.requires_grad]
+        if not trained:
+            raise ValueError("the models have no parameter with requires_grad=True: nothing to train.")
+        dtypes = {stacked_params[n].dtype for n in trained}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"all trained parameters must share one floating dtype, got {sorted(map(str, dtypes))}.")
+        self.dtype = next(iter(dtypes))
+
+        # One flat buffer for all K x P trained values; parameter n is the contiguous block [K, *shape] at
+        # offset K * (start of n), so each stacked parameter is a plain contiguous view and the optimizer runs on
+        # whole buffers.
+        k = self.num_models
+        self._names = trained
+        self._shapes = [tuple(stacked_params[n].shape[1:]) for n in trained]
+        numels = [stacked_params[n][0].numel() for n in trained]
+        self.numel_per_model = sum(numels)
+        self._flat = torch.empty(k * self.numel_per_model, dtype=self.dtype, device=self.device)
+        keep = torch.ones(k * self.numel_per_model, dtype=torch.bool, device=self.device)
+        self.params: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._blocks: list[tuple[int, int]] = []
+        start = 0
+        for name, shape, n in zip(trained, self._shapes, numels):
+            block = slice(k * start, k * (start + n))
+            self.params[name] = self._flat[block].view(k, *shape)
+            self.params[name].copy_(stacked_params[name].detach())
+            self.masks[name] = keep[block].view(k, *shape)
+            self._blocks.append((k * start, k * (start + n)))
+            start += n
+        named = dict(first.named_parameters())
+        for i, arm_masks in enumerate(masks):
+            for name, mask in (arm_masks or {}).items():
+                if name not in self.params:
+                    why = "is frozen (requires_grad=False)" if name in named else "is not a parameter of the model"
+                    raise ValueError(f"mask {name!r} of arm {i} {why}: masks must name trained parameters.")
+                if tuple(mask.shape) != tuple(self.params[name].shape[1:]):
+                    raise ValueError(
+                        f"mask {name!r} of arm {i} has shape {tuple(mask.shape)}, the parameter "
+                        f"{tuple(self.params[name].shape[1:])}: the masks were made for another configuration."
+                    )
+                self.masks[name][i].copy_(mask.to(device=self.device, dtype=torch.bool))
+        self._keep = keep
+        self._pruned = ~keep
+        # Frozen parameters and buffers are passed to every call, stacked, and never written.
+        self._consts: dict[str, torch.Tensor] = {
+            n: stacked_params[n].detach().to(self.device) for n in named if n not in self.params
+        }
+        self._consts.update({n: b.to(self.device) for n, b in stacked_buffers.items()})
+        with torch.no_grad():
+            self._flat.masked_fill_(self._pruned, 0.0)
+
+        # The skeleton whose forward is called with the stacked tensors: no storage of its own (meta device), so a
+        # tensor left out of the call fails loudly instead of silently using stale weights.
+        self._module = copy.deepcopy(first).to("meta")
+        # Tied parameters (one tensor under several names) appear once in named_parameters(); map the other names.
+        canonical = {id(p): n for n, p in first.named_parameters()}
+        self._aliases = {
+            n: canonical[id(p)]
+            for n, p in first.named_parameters(remove_duplicate=False)
+            if canonical[id(p)] != n and canonical[id(p)] in self.params
+        }
+
+        # Optimizer state: flat buffers like the parameters; scalars as 0-dim device tensors (no host reads).
+        self._lr = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
+        self._momentum_buf = torch.zeros_like(self._flat) if optimizer == "sgd" and self.momentum != 0 else None
+        if optimizer in ("adam", "adamw"):
+            self._exp_avg = torch.zeros_like(self._flat)
+            self._exp_avg_sq = torch.zeros_like(self._flat)
+            # float64: in float32, 1 - 0.999**t loses ~5 digits to cancellation (beta2 itself rounds to 0.99900001),
+            # which shifts every early Adam update by ~1e-5 relative; these scalars cost nothing in float64.
+            self._step = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        # Autograd leaves sharing the flat buffer's storage: the forward runs under vmap, the backward is plain
+        # autograd from the K losses (cheaper on the host than vmap(grad(...)), the same gradients).
+        self._leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+        self._ones = torch.ones(self.num_models, dtype=self.dtype, device=self.device)
+        self._loss_shared = vmap(self._loss, in_dims=(0, 0, None, None), randomness=randomness)
+        self._loss_per_arm = vmap(self._loss, in_dims=(0, 0, 0, 0), randomness=randomness)
+        self._forward_shared = vmap(self._logits, in_dims=(0, 0, None), randomness=randomness)
+        self._forward_per_arm = vmap(self._logits, in_dims=(0, 0, 0), randomness=randomness)
+
+    # ---- the functional model ------------------------------------------------------------------------------------
+
+    def _logits(self, params: dict, consts: dict, x: torch.Tensor) -> torch.Tensor:
+        if self._aliases:  # tied weights: every name of a shared tensor gets it (cheaper than tie_weights=True)
+            params = {**params, **{alias: params[name] for alias, name in self._aliases.items()}}
+        return self._output_fn(functional_call(self._module, (params, consts), (x,), tie_weights=False))
+
+    def _loss(self, params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._loss_fn(self._logits(params, consts, x), y)
+
+    # ---- training ------------------------------------------------------------------------------------------------
+
+    @property
+    def lr(self) -> torch.Tensor:
+        """The learning rate, a 0-dim device tensor (read it with `float(...)`, which syncs)."""
+        return self._lr
+
+    def set_lr(self, lr: Union[float, torch.Tensor]) -> None:
+        """Change the learning rate in place (no host sync; a captured step picks it up)."""
+        self._lr.fill_(lr)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, per_arm: bool = False) -> torch.Tensor:
+        """One optimizer step of all K networks; returns the K losses (a device tensor, not read back).
+
+        Args:
+            x, y: one batch for all networks (`[B, ...]`, `[B]`), or with `per_arm=True` one batch per network
+                (`[K, B, ...]`, `[K, B]`), e.g. replicates with their own data order.
+        """
+        if not self._module.training:
+            self._module.train()
+        leaves = list(self._leaves.values())
+        with torch.enable_grad():
+            loss_fn = self._loss_per_arm if per_arm else self._loss_shared
+            losses = loss_fn(self._leaves, self._consts, x, y)
+            # The K losses are independent, so d(sum of losses)/d(network k's weights) is network k's gradient.
+            grads = torch.autograd.grad(losses, leaves, grad_outputs=self._ones)
+        with torch.no_grad():
+            flat_grad = torch.cat([g.reshape(-1) for g in grads])
+            flat_grad.masked_fill_(self._pruned, 0.0)  # pruned weights get no gradient ...
+            if self.optimizer == "sgd":
+                self._sgd(flat_grad)
+            else:
+                self._adam(flat_grad)
+            self._flat.masked_fill_(self._pruned, 0.0)  # ... and stay exactly zero whatever the update did
+        return losses.detach()
+
+    def _sgd(self, g: torch.Tensor) -> None:
+        # torch.optim.SGD (dampening=0): its first-step `buf = g` equals `buf = momentum * 0 + g` exactly.
+        if self.weight_decay != 0:
+            g = g.add_(self._flat, alpha=self.weight_decay)
+        if self._momentum_buf is not None:
+            buf = self._momentum_buf.mul_(self.momentum).add_(g)
+            g = g.add_(buf, alpha=self.momentum) if self.nesterov else buf
+        self._flat.addcmul_(g, self._lr, value=-1.0)
+
+    def _adam(self, g: torch.Tensor) -> None:
+        # torch.optim.Adam/AdamW with capturable=True: the step count and bias corrections stay on the device.
+        beta1, beta2 = self.betas
+        self._step.add_(1)
+        if self.optimizer == "adamw" and self.weight_decay != 0:
+            self._flat.mul_(1 - self._lr * self.weight_decay)
+        elif self.weight_decay != 0:
+            g = g.add_(self._flat, alpha=self.weight_decay)
+        self._exp_avg.lerp_(g, 1 - beta1)
+        self._exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias_correction1 = 1 - torch.pow(beta1, self._step)
+        bias_correction2 = 1 - torch.pow(beta2, self._step)
+        step_size_neg = (self._lr.double() / bias_correction1).neg()
+        denom = (self._exp_avg_sq.sqrt() / (bias_correction2.sqrt() * step_size_neg)).add_(self.eps / step_size_neg)
+        self._flat.addcdiv_(self._exp_avg, denom)
+
+    # ---- evaluation and results ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, per_arm: bool = False) -> torch.Tensor:
+        """Eval-mode logits of all K networks for one batch: `[K, B, C]`."""
+        was_training = self._module.training
+        self._module.eval()
+        try:
+            fn = self._forward_per_arm if per_arm else self._forward_shared
+            return fn(self.params, self._consts, x.to(self.device, non_blocking=True))
+        finally:
+            self._module.train(was_training)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> list[float]:
+        """Accuracy of each network on (`x` `[N, ...]`, `y` `[N]`), in fixed-size chunks; one host read at the end."""
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"x and y must hold the same, non-zero number of examples, got {len(x)} and {len(y)}.")
+        correct = torch.zeros(self.num_models, dtype=torch.int64, device=self.device)
+        for i in range(0, len(x), batch_size):
+            predictions = self.logits(x[i : i + batch_size]).argmax(-1)
+            correct += (predictions == y[i : i + batch_size].to(self.device, non_blocking=True)).sum(-1)
+        return (correct.double() / len(x)).tolist()
+
+    def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Network i's weights and buffers (copies), loadable with `model.load_state_dict`."""
+        if not -self.num_models <= i < self.num_models:
+            raise IndexError(f"network {i} does not exist: there are {self.num_models}.")
+        out = {n: p[i].detach().clone() for n, p in self.params.items()}
+        out.update({n: t[i].clone() for n, t in self._consts.items()})
+        return out
+
+    def unstack(self) -> list[dict[str, torch.Tensor]]:
+        """Every network's weights and buffers, in arm order (see `state_dict`)."""
+        return [self.state_dict(i) for i in range(self.num_models)]
+
+    @torch.no_grad()
+    def count_violations(self) -> list[int]:
+        """Per network, the masked-out weights that are not exactly zero (all 0 while the masks are enforced)."""
+        bad = (self._flat != 0) & self._pruned
+        per_arm = sum(bad[a:b].view(self.num_models, -1).sum(1) for a, b in self._blocks)
+        return per_arm.tolist()
+
+    def density(self) -> list[float]:
+        """Per network, the fraction of masked entries kept, over the parameters that some arm masks."""
+        masked = [n for n in self._names if not bool(self.masks[n].all())]
+        if not masked:
+            return [1.0] * self.num_models
+        kept = sum(self.masks[n].reshape(self.num_models, -1).sum(1) for n in masked)
+        total = sum(self.masks[n][0].numel() for n in masked)
+        return (kept.double() / total).tolist()
+
+
+def _check_architecture(models: Sequence[nn.Module]) -> None:
+    """Same parameter/buffer names and shapes in every model; no in-place buffer writers (BatchNorm)."""
+    for model in models:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                raise NotImplementedError(
+                    f"{type(model).__name__}.{name} is a {type(module).__name__}, whose forward updates its running "
+                    "statistics in place; BatchedMaskedTraining passes buffers stacked and read-only, so it cannot "
+                    "train it. Train BatchNorm models one at a time with TicketTrainer."
+                )
+
+    def signature(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:
+        params = [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+        buffers = [(n, tuple(b.shape), b.dtype, False) for n, b in model.named_buffers()]
+        return params + buffers
+
+    reference = signature(models[0])
+    for i, model in enumerate(models[1:], start=1):
+        if type(model) is not type(models[0]) or signature(model) != reference:
+            raise ValueError(
+                f"model {i} ({type(model).__name__}) does not have model 0's parameters and buffers "
+                f"({type(models[0]).__name__}): all networks trained together must share one architecture."
+            )
