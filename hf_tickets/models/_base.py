@@ -72,6 +72,16 @@ def init_batchnorm(module: nn.BatchNorm2d, mode: str) -> None:
     init.zeros_(module.num_batches_tracked)
 
 
+def kaiming_init(module: nn.Module, batchnorm_init: str) -> None:
+    """He et al. init for the CIFAR ResNets and VGGs: Kaiming normal (fan_in) convs/linears, zero biases, BN reset."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        init_batchnorm(module, batchnorm_init)
+
+
 def classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:

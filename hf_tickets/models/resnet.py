@@ -11,8 +11,7 @@ from ._base import (
     ImageClassifierModel,
     check_batchnorm_init,
     check_positive,
-    init,
-    init_batchnorm,
+    kaiming_init,
 )
 
 __all__ = ["CifarResNetConfig", "CifarResNetForImageClassification"]
@@ -127,12 +126,7 @@ class CifarResNetForImageClassification(ImageClassifierModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            init_batchnorm(module, self.config.batchnorm_init)
+        kaiming_init(module, self.config.batchnorm_init)
 
     def compute_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.conv(pixel_values)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ImageClassificationConfig, ImageClassifierModel, check_batchnorm_init, init, init_batchnorm
+from ._base import ImageClassificationConfig, ImageClassifierModel, check_batchnorm_init, kaiming_init
 
 __all__ = ["CifarVGGConfig", "CifarVGGForImageClassification"]
 
@@ -87,12 +87,7 @@ class CifarVGGForImageClassification(ImageClassifierModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            init_batchnorm(module, self.config.batchnorm_init)
+        kaiming_init(module, self.config.batchnorm_init)
 
     def compute_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.layers(pixel_values)
