@@ -161,6 +161,12 @@ def test_late_rewinding_restores_weights_step_and_schedule(tmp_path):
     final0 = load_file(os.path.join(tmp_path, "level_00", "model.safetensors"))
     name = next(iter(masks[0]))
     assert not torch.equal(rewind[name], theta0[name]) and not torch.equal(rewind[name], final0[name])
+    # ... and it is a copy: changing the live model in place never changes it
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    again = load_file(os.path.join(tmp_path, "rewind_point", "model.safetensors"))
+    assert all(torch.equal(again[n], rewind[n]) for n in rewind)
 
 
 def test_fraction_rewind_step_and_optimizer_state_of_pruned_weights(tmp_path):
