@@ -23,6 +23,8 @@ from .sparsify import MASKS_ATTR, apply_sparsity
 
 logger = logging.getLogger(__name__)
 
+ENGINES = ("trainer", "batched")
+
 
 class SparsityCallback(TrainerCallback):
     """Mask gradients before each optimizer step and weights after it.
@@ -69,6 +71,11 @@ class TicketTrainer(Trainer):
         sparsity_config: how to prune. Masks are computed when the trainer is built (one-shot methods) and the
             pruned weights are zeroed in place.
         masks: an existing `MaskSet` (e.g. from `load_masks`) to enforce instead of computing new masks.
+        engine: how `method="imp"` runs. `"trainer"` (default): every level is a `Trainer.train` call, with all of
+            Trainer's features. `"batched"`: levels train in lockstep passes of `BatchedMaskedTraining`, on CUDA
+            replayed from a CUDA graph, for small image networks held as tensors (see
+            `hf_tickets.lottery.experiment`); `train_experiment` then trains trunk, controls and replicates of a
+            level together. It runs no Trainer callbacks, so it refuses user callbacks and custom metrics.
         *args, **kwargs: every `transformers.Trainer` argument.
 
     A model already passed through `apply_sparsity` keeps its masks when neither argument is given.
@@ -79,9 +86,12 @@ class TicketTrainer(Trainer):
         *args: Any,
         sparsity_config: Optional[SparsityConfig] = None,
         masks: Optional[MaskSet] = None,
+        engine: str = "trainer",
         **kwargs: Any,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is unknown: use one of {list(ENGINES)}.")
         if model is None:
             raise ValueError("TicketTrainer needs `model` (model_init is not supported): pass the model to sparsify.")
         if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
@@ -95,7 +105,13 @@ class TicketTrainer(Trainer):
             masks = getattr(model, MASKS_ATTR)
         if sparsity_config is None:
             sparsity_config = _config_from_masks(masks)
+        if engine == "batched" and sparsity_config.method not in ITERATIVE_METHODS:
+            raise ValueError(
+                f"engine='batched' runs IMP experiments (method='imp'), got method={sparsity_config.method!r}: use "
+                "engine='trainer'."
+            )
         self.sparsity_config = sparsity_config
+        self.engine = engine
         self._user_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None
         self.masks = apply_sparsity(model, sparsity_config, masks=masks)
         self.sparsity_callback = SparsityCallback(self.masks, model)
@@ -127,6 +143,8 @@ class TicketTrainer(Trainer):
         For IMP, `resume_from_checkpoint` is implied: finished levels in `output_dir` are skipped and an
         interrupted level resumes from its last checkpoint.
         """
+        if self.engine == "batched":
+            return self.train_experiment()
         if self.sparsity_config.method in ITERATIVE_METHODS:
             from .lottery import IMPRunner
 
@@ -148,9 +166,60 @@ class TicketTrainer(Trainer):
             trunk_dir: the trunk's output_dir (default: this trainer's `args.output_dir`).
             levels: trunk levels to run (default: every finished pruned level); each is skipped if already done.
         """
+        if self.engine == "batched":
+            if trunk_dir not in (None, self.args.output_dir):
+                raise ValueError("engine='batched' runs controls of its own output_dir: leave trunk_dir unset.")
+            return self._experiment().run_controls(kind, levels)
         from .lottery import run_control
 
         return run_control(self, kind, trunk_dir or self.args.output_dir, levels)
+
+    def train_experiment(
+        self, controls: tuple = (), control_levels: Optional[list[int]] = None, replicates: int = 1
+    ) -> list[dict]:
+        """engine="batched": every IMP level of the trunk, `controls` and `replicates` in one lockstep pass per level.
+
+        Args:
+            controls: control kinds trained beside the trunk: `"reinit"`, `"random_prune"`.
+            control_levels: trunk levels the controls run at (default: every pruned level).
+            replicates: independent repetitions (own theta_0 and data order); with more than one, replicate r
+                writes to `<output_dir>/replicate_r`.
+
+        Returns the metrics of the networks of the last level trained. The layout on disk is the `"trainer"`
+        engine's (level folders, controls next to the trunk, imp_report.json and plots per replicate).
+        """
+        if self.engine != "batched":
+            raise ValueError(
+                "train_experiment needs TicketTrainer(..., engine='batched'); use train() and "
+                "train_control() with engine='trainer'."
+            )
+        experiment = self._experiment(replicates)
+        metrics = experiment.run(tuple(controls), control_levels)
+        self.last_experiment = experiment
+        self._load_last_trunk_level(experiment.replicate_root(0))
+        return metrics
+
+    def _experiment(self, replicates: int = 1):
+        from .lottery.experiment import LockstepExperiment
+
+        return LockstepExperiment.from_trainer(self, replicates=replicates)
+
+    def _load_last_trunk_level(self, root: str) -> None:
+        """After a batched run the trainer holds the last trunk level's weights and masks, as after `train()`."""
+        from .lottery.controls import trunk_levels
+        from .lottery.levels import level_dir
+        from .lottery.lockstep import load_weights_
+
+        levels = trunk_levels(root) or [0]
+        folder = level_dir(root, max(levels))
+        if os.path.isfile(os.path.join(folder, "model.safetensors")):
+            from safetensors.torch import load_file
+
+            device = next(self.model.parameters()).device
+            load_weights_(
+                self.model, {k: v.to(device) for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+            )
+            self.set_masks(MaskSet.load(folder))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add overall sparsity to every log, and per-layer sparsity to the first log after the masks change.

@@ -34,7 +34,7 @@ read-only. Dropout draws different randomness per network (`randomness="differen
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Optional, Union
 
 import torch
@@ -90,6 +90,9 @@ class BatchedMaskedTraining:
         output_fn: maps the module's output to the logits (default `logits_of`).
         device: where to train (default: the device of the first model's parameters).
         randomness: `vmap` randomness for dropout and the like: `"different"` per arm, `"same"`, or `"error"`.
+        max_grad_norm: clip each network's gradient to this global norm (measured after masking, as
+            `TicketTrainer` does), like `torch.nn.utils.clip_grad_norm_`; None or 0 = no clipping.
+        decay_names: the trained parameters weight decay applies to (Trainer exempts biases and norms); None = all.
 
     Attributes:
         params: name -> stacked parameter `[K, *shape]`, views of one flat buffer (updated in place by `step`).
@@ -112,6 +115,8 @@ class BatchedMaskedTraining:
         output_fn: Callable[[object], torch.Tensor] = logits_of,
         device: Optional[Union[str, torch.device]] = None,
         randomness: str = "different",
+        max_grad_norm: Optional[float] = None,
+        decay_names: Optional[Iterable[str]] = None,
     ) -> None:
         masks = list(masks)
         if not masks:
@@ -132,6 +137,7 @@ class BatchedMaskedTraining:
         self.optimizer = optimizer
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         self._loss_fn = loss_fn if loss_fn is not None else cross_entropy
         self._output_fn = output_fn
 
@@ -182,6 +188,14 @@ class BatchedMaskedTraining:
                 self.masks[name][i].copy_(mask.to(device=self.device, dtype=torch.bool))
         self._keep = keep
         self._pruned = ~keep
+        # Weight decay per entry (1 or 0) when some trained parameters are exempt; None when it applies to all.
+        self._decay: Optional[torch.Tensor] = None
+        if decay_names is not None and set(trained) - set(decay_names):
+            decay = set(decay_names)
+            self._decay = torch.zeros(k * self.numel_per_model, dtype=self.dtype, device=self.device)
+            for name, (a, b) in zip(trained, self._blocks):
+                if name in decay:
+                    self._decay[a:b] = 1.0
         # Frozen parameters and buffers are passed to every call, stacked, and never written.
         self._consts: dict[str, torch.Tensor] = {
             n: stacked_params[n].detach().to(self.device) for n in named if n not in self.params
@@ -259,6 +273,8 @@ class BatchedMaskedTraining:
         with torch.no_grad():
             flat_grad = torch.cat([g.reshape(-1) for g in grads])
             flat_grad.masked_fill_(self._pruned, 0.0)  # pruned weights get no gradient ...
+            if self.max_grad_norm is not None:
+                self._clip_(flat_grad)
             if self.optimizer == "sgd":
                 self._sgd(flat_grad)
             else:
@@ -266,10 +282,24 @@ class BatchedMaskedTraining:
             self._flat.masked_fill_(self._pruned, 0.0)  # ... and stay exactly zero whatever the update did
         return losses.detach()
 
+    def _add_l2_(self, g: torch.Tensor) -> torch.Tensor:
+        if self._decay is None:
+            return g.add_(self._flat, alpha=self.weight_decay)
+        return g.addcmul_(self._flat, self._decay, value=self.weight_decay)
+
+    def _clip_(self, g: torch.Tensor) -> None:
+        """Scale each network's gradient to at most `max_grad_norm` (torch.nn.utils.clip_grad_norm_'s rule)."""
+        k = self.num_models
+        blocks = [g[a:b].view(k, -1) for a, b in self._blocks]
+        norm = torch.stack([blk.square().sum(1) for blk in blocks]).sum(0).sqrt()
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0).unsqueeze(1)
+        for blk in blocks:
+            blk.mul_(coef)
+
     def _sgd(self, g: torch.Tensor) -> None:
         # torch.optim.SGD (dampening=0): its first-step `buf = g` equals `buf = momentum * 0 + g` exactly.
         if self.weight_decay != 0:
-            g = g.add_(self._flat, alpha=self.weight_decay)
+            g = self._add_l2_(g)
         if self._momentum_buf is not None:
             buf = self._momentum_buf.mul_(self.momentum).add_(g)
             g = g.add_(buf, alpha=self.momentum) if self.nesterov else buf
@@ -280,9 +310,12 @@ class BatchedMaskedTraining:
         beta1, beta2 = self.betas
         self._step.add_(1)
         if self.optimizer == "adamw" and self.weight_decay != 0:
-            self._flat.mul_(1 - self._lr * self.weight_decay)
+            if self._decay is None:
+                self._flat.mul_(1 - self._lr * self.weight_decay)
+            else:
+                self._flat.mul_(self._decay * (-self._lr * self.weight_decay) + 1)
         elif self.weight_decay != 0:
-            g = g.add_(self._flat, alpha=self.weight_decay)
+            g = self._add_l2_(g)
         self._exp_avg.lerp_(g, 1 - beta1)
         self._exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         bias_correction1 = 1 - torch.pow(beta1, self._step)
@@ -314,6 +347,91 @@ class BatchedMaskedTraining:
             predictions = self.logits(x[i : i + batch_size]).argmax(-1)
             correct += (predictions == y[i : i + batch_size].to(self.device, non_blocking=True)).sum(-1)
         return (correct.double() / len(x)).tolist()
+
+    @torch.no_grad()
+    def evaluate_loss_accuracy(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per network, mean loss and accuracy over (`x`, `y`): two `[K]` device tensors (nothing read back).
+
+        The loss is the per-example mean over the whole set (chunk means weighted by chunk size), as
+        `Trainer.evaluate` reports it.
+        """
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"x and y must hold the same, non-zero number of examples, got {len(x)} and {len(y)}.")
+        loss_sum = torch.zeros(self.num_models, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(self.num_models, dtype=torch.int64, device=self.device)
+        per_arm_loss = vmap(self._loss_fn, in_dims=(0, None))
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(self.device, non_blocking=True)
+            yb = y[i : i + batch_size].to(self.device, non_blocking=True)
+            logits = self.logits(xb)
+            loss_sum += per_arm_loss(logits, yb).double() * len(yb)
+            correct += (logits.argmax(-1) == yb).sum(-1)
+        return loss_sum / len(x), correct.double() / len(x)
+
+    # ---- per-network state: rewind points, arms joining a running pass --------------------------------------
+
+    def _state_buffers(self) -> dict[str, torch.Tensor]:
+        out = {"weights": self._flat}
+        if self._momentum_buf is not None:
+            out["momentum_buffer"] = self._momentum_buf
+        if self.optimizer in ("adam", "adamw"):
+            out["exp_avg"], out["exp_avg_sq"] = self._exp_avg, self._exp_avg_sq
+        return out
+
+    def arm_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Network i's trained weights and optimizer buffers, copied: keys `<buffer>/<parameter name>`.
+
+        Buffers are `weights`, plus `momentum_buffer` (SGD with momentum) or `exp_avg`/`exp_avg_sq` (Adam); the
+        shared step count is `step_count`.
+        """
+        if not -self.num_models <= i < self.num_models:
+            raise IndexError(f"network {i} does not exist: there are {self.num_models}.")
+        k = self.num_models
+        out = {}
+        for kind, flat in self._state_buffers().items():
+            for name, shape, (a, b) in zip(self._names, self._shapes, self._blocks):
+                out[f"{kind}/{name}"] = flat[a:b].view(k, *shape)[i].detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_arm_state(self, i: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Set network i's weights and optimizer buffers from `arm_state`-style keys; missing buffers stay as they
+        are (zero for a fresh optimizer). Pruned entries are zeroed again afterwards."""
+        k = self.num_models
+        buffers = self._state_buffers()
+        unknown = [key for key in state if key.split("/", 1)[0] not in buffers]
+        if unknown:
+            raise ValueError(
+                f"state keys {unknown[:3]} do not fit optimizer={self.optimizer!r} (buffers {sorted(buffers)})."
+            )
+        for name, shape, (a, b) in zip(self._names, self._shapes, self._blocks):
+            for kind, flat in buffers.items():
+                value = state.get(f"{kind}/{name}")
+                if value is not None:
+                    flat[a:b].view(k, *shape)[i].copy_(value.to(self.device, self.dtype))
+        self._flat.masked_fill_(self._pruned, 0.0)
+        for kind in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if kind in buffers:
+                buffers[kind].masked_fill_(self._pruned, 0.0)  # no momentum may revive a pruned weight
+
+    @property
+    def step_count(self) -> int:
+        """Adam's step count, shared by all networks (0 for SGD, which has none)."""
+        return int(self._step.item()) if self.optimizer in ("adam", "adamw") else 0
+
+    def set_step_count(self, step: int) -> None:
+        if self.optimizer in ("adam", "adamw"):
+            self._step.fill_(int(step))
+
+    def mutable_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step writes (weights, optimizer state, step count, lr): to snapshot and restore, e.g.
+        around the warm-up steps a CUDA-graph capture needs."""
+        out = list(self._state_buffers().values()) + [self._lr]
+        if self.optimizer in ("adam", "adamw"):
+            out.append(self._step)
+        return out
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Network i's weights and buffers (copies), loadable with `model.load_state_dict`."""
