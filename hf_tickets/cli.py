@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 
 def _cmd_run(opts: argparse.Namespace) -> int:
+    _show_progress()
     from .recipes import default_recipe_path, load_recipe, run_recipe
 
     path = default_recipe_path(opts.recipe)
@@ -109,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("path")
     card.set_defaults(func=_cmd_card)
     return parser
+
+
+def _show_progress() -> None:
+    """hf_tickets' own progress lines (one per level of a batched experiment) on stderr."""
+    import logging
+
+    log = logging.getLogger("hf_tickets")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("hf_tickets: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -245,7 +245,16 @@ class LockstepExperiment:
         seconds = time.perf_counter() - started
         steps = sum(self.plan.total_steps - arm.start_step for arm in arms)
         self.last_pass = {"networks": len(arms), "network_steps": steps, "seconds": seconds}
-        logger.info("lockstep pass: %d networks, %d network-steps in %.1f s", len(arms), steps, seconds)
+        best = [row.get("validation", {}).get("accuracy") for r in results for row in r.history[-1:]]
+        logger.info(
+            "level %s: %d networks, %d network-steps in %.1f s (%.0f/s); final validation accuracy %s",
+            level if level is not None else sorted({_level_of(job) for job in jobs}),
+            len(arms),
+            steps,
+            seconds,
+            steps / max(seconds, 1e-9),
+            ", ".join(f"{job[0]}[{job[1]}] {acc:.4f}" for job, acc in zip(jobs, best) if acc is not None),
+        )
         out = []
         for job, arm_mask, result in zip(jobs, arm_masks, results):
             kind, r, folder = job
