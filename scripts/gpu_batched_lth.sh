@@ -15,9 +15,10 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 
 run() {  # run NAME RECIPE overrides...
     local name=$1 recipe=$2; shift 2
-    /usr/bin/time -f "$name wall %e s" timeout "$budget" python3 -m hf_tickets.cli run "$recipe" \
+    local start=$SECONDS
+    timeout "$budget" python3 -m hf_tickets.cli run "$recipe" \
         "training.output_dir=runs/$name" engine=batched replicates=2 "$@" > "runs/$name.log" 2>&1
-    echo "$name exit $?" >> "runs/$name.log"
+    echo "$name exit $? after $((SECONDS - start)) s" >> "runs/$name.log"
 }
 run lenet300_mnist recipes/lenet300_mnist.yaml "$@" &
 run lenet5_fashion_mnist recipes/lenet5_fashion_mnist.yaml "$@" &
