@@ -35,7 +35,7 @@ from hf_tickets.lottery.lockstep import (
     train_lockstep,
 )
 from hf_tickets.models import build_model
-from hf_tickets.recipes import SECTIONS, accuracy, build_trainer, load_recipe
+from hf_tickets.recipes import accuracy, build_trainer, load_recipe
 
 RTOL, ATOL = 1e-5, 1e-6
 BATCH = 16
@@ -156,9 +156,7 @@ def test_decay_names_exempt_biases_like_torch_param_groups(kind):
     batches = _batches(x, y, steps, seed=4)
     mask = _masks(_model(0), 0.5, seed=1)
     decay = _weight_names(_model(0))
-    batched = BatchedMaskedTraining(
-        [_model(0)], [mask], optimizer=kind, weight_decay=wd, decay_names=decay, **hp
-    )
+    batched = BatchedMaskedTraining([_model(0)], [mask], optimizer=kind, weight_decay=wd, decay_names=decay, **hp)
     decay_all = BatchedMaskedTraining([_model(0)], [mask], optimizer=kind, weight_decay=wd, **hp)
     for xb, yb in batches:
         batched.step(xb, yb)
@@ -333,7 +331,9 @@ def test_plan_follows_trainer_schedule_and_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         plan_from_training_args(training_args(tmp_path, gradient_accumulation_steps=2), model, 100)
     with pytest.raises(ValueError, match="dampening"):
-        plan_from_training_args(training_args(tmp_path, optim="sgd", optim_args="momentum=0.9,dampening=0.1"), model, 1)
+        plan_from_training_args(
+            training_args(tmp_path, optim="sgd", optim_args="momentum=0.9,dampening=0.1"), model, 1
+        )
     half = training_args(tmp_path)
     half.bf16 = True  # TrainingArguments refuses bf16/fp16 on some CPUs at construction; set it afterwards
     with pytest.raises(ValueError, match="float32"):
@@ -369,6 +369,23 @@ def test_plan_evaluates_at_the_steps_trainer_evaluates(tmp_path, overrides):
         f"SOURCE BUG (hf_tickets/lottery/lockstep.py, plan_from_training_args, eval_steps): with {overrides} the "
         f"Trainer evaluates at {trainer_points}, the batched plan at {plan.eval_points(0)}"
     )
+
+
+def test_plan_refuses_reduce_lr_on_plateau_with_a_value_error(tmp_path):
+    # experiment.py's docstring promises "every transformers LR schedule"; ReduceLROnPlateau needs the validation
+    # loss, which a precomputed schedule cannot have: it should be refused like adafactor, naming the field.
+    args = training_args(tmp_path, lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2)
+    try:
+        plan_from_training_args(args, _model(0), 100)
+    except ValueError as err:
+        assert "lr_scheduler_type" in str(err)
+    except Exception as err:  # noqa: BLE001
+        pytest.fail(
+            "SOURCE BUG (hf_tickets/lottery/lockstep.py, plan_from_training_args): lr_scheduler_type="
+            f"'reduce_lr_on_plateau' fails with {type(err).__name__}: {err} instead of a ValueError naming the field"
+        )
+    else:
+        pytest.fail("reduce_lr_on_plateau was accepted, but the batched engine cannot step it without metrics")
 
 
 # ---- 6-7: train_lockstep --------------------------------------------------------------------------------------------
@@ -472,7 +489,9 @@ def test_lockstep_arm_equals_torch_loop_on_its_batch_table_and_schedule():
     assert tables.shape == (2, plan.total_steps, BATCH)
     assert not torch.equal(tables[0], tables[1]), "replicates must have their own data order"
     mask = _masks(template, 0.5, seed=1)
-    (arm,) = train_lockstep(template, [ArmStart(template.state_dict(), dict(mask), replicate=1)], plan, train, evals, tables)
+    (arm,) = train_lockstep(
+        template, [ArmStart(template.state_dict(), dict(mask), replicate=1)], plan, train, evals, tables
+    )
 
     model = _model(0)
     mask.apply_(model)
@@ -537,18 +556,28 @@ LAYER_RATES = {"classifier": 0.5}
 
 def _imp_config(**overrides) -> SparsityConfig:
     kwargs = dict(
-        method="imp", levels=2, prune_fraction=0.2, rewind="step", rewind_step=5, scope="layerwise",
+        method="imp",
+        levels=2,
+        prune_fraction=0.2,
+        rewind="step",
+        rewind_step=5,
+        scope="layerwise",
         layer_rates=LAYER_RATES,
-    )  # fmt: skip
+    )
     kwargs.update(overrides)
     return SparsityConfig(**kwargs)
 
 
 def _experiment_args(out, **overrides):
     kwargs = dict(
-        max_steps=30, per_device_train_batch_size=32, per_device_eval_batch_size=512, learning_rate=1e-2,
-        eval_strategy="steps", eval_steps=10, logging_steps=10,
-    )  # fmt: skip
+        max_steps=30,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=512,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=10,
+        logging_steps=10,
+    )
     kwargs.update(overrides)
     return training_args(out, **kwargs)
 
@@ -592,7 +621,7 @@ def test_experiment_layout_masks_controls_and_rewind(tmp_path, digits, lockstep_
         assert (trunk.start_step, reinit.start_step, rand.start_step) == (5, 0, 5)
         assert reinit.optimizer_state is None
         assert set(trunk.optimizer_state) == {k for k in point if not k.startswith("weights/")}
-        for name, value in theta0.items():
+        for name in theta0:
             assert torch.equal(trunk.weights[name], point[f"weights/{name}"])
             assert torch.equal(rand.weights[name], point[f"weights/{name}"])
             assert torch.equal(reinit.weights[name], reinit0[name])
@@ -769,7 +798,14 @@ def test_replicates_get_own_folders_init_and_data_order(tmp_path, digits, lockst
     )
 
 
-def test_experiment_argument_errors(tmp_path, digits):
+def test_experiment_defaults_and_argument_errors(tmp_path, digits):
+    # Weight decay exemptions default to the Trainer's own (biases and norms), directly or from a TicketTrainer.
+    trainer = _ticket_trainer(tmp_path / "t", digits)
+    trainer_choice = set(trainer.get_decay_parameter_names(trainer.model))
+    assert trainer_choice == _weight_names(_model(0))
+    assert _experiment(tmp_path / "d", digits).plan.decay_names == trainer_choice
+    assert LockstepExperiment.from_trainer(trainer).plan.decay_names == trainer_choice
+
     with pytest.raises(ValueError, match="replicates"):
         _experiment(tmp_path / "a", digits, replicates=0)
     with pytest.raises(ValueError, match="rewind_step"):
@@ -782,7 +818,9 @@ def test_experiment_argument_errors(tmp_path, digits):
     with pytest.raises(ValueError, match="no finished pruned level"):
         exp.run_controls("reinit", levels=[1])
     with pytest.raises(ValueError, match="validation"):
-        LockstepExperiment(_model(0), _imp_config(), _experiment_args(tmp_path), digits["train"], {"test": digits["test"]})
+        LockstepExperiment(
+            _model(0), _imp_config(), _experiment_args(tmp_path), digits["train"], {"test": digits["test"]}
+        )
     assert not os.path.exists(tmp_path / "c" / "level_00")
 
 
@@ -854,33 +892,23 @@ def test_batched_engine_refuses_what_it_would_drop(tmp_path, digits, lockstep_ca
 
 
 def _recipe_trainer(out, engine: str, *overrides: str) -> TicketTrainer:
-    """The quickstart recipe's trainer with `engine` (through the recipe when it has an engine key)."""
-    base = [f"training.output_dir={out}", *overrides]
-    if "engine" in SECTIONS:  # recipes may name the engine themselves
-        trainer = build_trainer(load_recipe(QUICKSTART, [*base, f"engine={engine}"]))
-        assert trainer.engine == engine
-        return trainer
-    trainer = build_trainer(load_recipe(QUICKSTART, base))
-    if engine == "trainer":
-        return trainer
-    return TicketTrainer(
-        model=trainer.model,
-        args=trainer.args,
-        train_dataset=trainer.train_dataset,
-        eval_dataset=trainer.eval_dataset,
-        data_collator=trainer.data_collator,
-        compute_metrics=trainer.compute_metrics,
-        sparsity_config=trainer.sparsity_config,
-        engine=engine,
-    )
+    """The quickstart recipe's trainer, with the recipe's `engine` key set to `engine`."""
+    trainer = build_trainer(load_recipe(QUICKSTART, [f"training.output_dir={out}", f"engine={engine}", *overrides]))
+    assert trainer.engine == engine
+    return trainer
 
 
 def test_ticket_trainer_batched_experiment_then_control_in_one_pass(tmp_path, lockstep_calls):
     out = tmp_path / "quick"
     trainer = _recipe_trainer(
-        out, "batched", "training.max_steps=40", "training.eval_steps=20", "training.logging_steps=20",
-        "sparsity.levels=2", "model.hidden_sizes=[32,16]",
-    )  # fmt: skip
+        out,
+        "batched",
+        "training.max_steps=40",
+        "training.eval_steps=20",
+        "training.logging_steps=20",
+        "sparsity.levels=2",
+        "model.hidden_sizes=[32,16]",
+    )
     metrics = trainer.train_experiment(controls=("reinit",))
     assert [(m["level"], m.get("control")) for m in metrics] == [(2, None), (2, "reinit")]
     assert [len(c["arms"]) for c in lockstep_calls] == [1, 2, 2]

@@ -85,12 +85,19 @@ def plan_from_training_args(args, model: nn.Module, num_train_examples: int, dec
         raise ValueError(
             "the batched engine trains in float32: set fp16=False and bf16=False, or use engine='trainer'."
         )
+    scheduler_type = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if scheduler_type == "reduce_lr_on_plateau":
+        raise ValueError(
+            "TrainingArguments.lr_scheduler_type='reduce_lr_on_plateau' reacts to evaluation results, which the "
+            "batched engine's precomputed schedule cannot: choose another schedule or use engine='trainer'."
+        )
     batch = int(args.per_device_train_batch_size)
+    per_epoch = num_train_examples // batch if args.dataloader_drop_last else math.ceil(num_train_examples / batch)
+    per_epoch = max(per_epoch, 1)
     if args.max_steps and args.max_steps > 0:
         total = int(args.max_steps)
     else:
-        per_epoch = num_train_examples // batch if args.dataloader_drop_last else math.ceil(num_train_examples / batch)
-        total = int(math.ceil(args.num_train_epochs * max(per_epoch, 1)))
+        total = int(math.ceil(args.num_train_epochs * per_epoch))
     rule = OPTIM_RULES[optim]
     extra = _optim_args(getattr(args, "optim_args", None))
     momentum = float(extra.pop("momentum", 0.0))
@@ -117,9 +124,11 @@ def plan_from_training_args(args, model: nn.Module, num_train_examples: int, dec
     eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
     eval_steps = None
     if eval_strategy == "steps":
-        eval_steps = int(args.eval_steps if args.eval_steps and args.eval_steps >= 1 else args.logging_steps)
+        # As Trainer: eval_steps defaults to logging_steps, and a value below 1 is a fraction of training.
+        every = args.eval_steps if args.eval_steps else args.logging_steps
+        eval_steps = max(int(math.ceil(total * every)) if every < 1 else int(every), 1)
     elif eval_strategy == "epoch":
-        eval_steps = max(num_train_examples // batch, 1)
+        eval_steps = per_epoch
     return TrainPlan(
         total_steps=total,
         batch_size=batch,
