@@ -18,6 +18,9 @@ Throughput is network-steps per second of wall time (host clock after a device s
 and file writing count against the engine). Arms alternate over `--rounds` rounds (order reversed every other
 round); the ratio to `plain` is taken within each round, and the median, min and max over rounds are printed.
 
+With `--parity-seeds N`, trunk accuracy per level under both engines over N seeds (mean, spread, standard error
+of the difference), to tell a real difference from seed-to-seed noise.
+
 Then, once (`--parity`): the same experiment under engine="trainer" (one `Trainer.train` per level and control)
 and under engine="batched", and the per-level test accuracy (at the early-stop step) of trunk and controls side by
 side: the batched engine must not change what an experiment finds.
@@ -73,8 +76,10 @@ def load_mnist(device: torch.device, tiny: bool) -> tuple[dict[str, TensorImageD
     return {k: ds.to(device) for k, ds in splits.items()}, source
 
 
-def make_trainer(opts, data, out_dir: str, engine: str, device: torch.device) -> TicketTrainer:
-    torch.manual_seed(0)
+def make_trainer(
+    opts, data, out_dir: str, engine: str, device: torch.device, seed: int = 0, levels: int | None = None
+) -> TicketTrainer:
+    torch.manual_seed(seed)
     model = build_model("lenet_300_100").to(device)
     args = TrainingArguments(
         output_dir=out_dir,
@@ -95,12 +100,12 @@ def make_trainer(opts, data, out_dir: str, engine: str, device: torch.device) ->
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         use_cpu=device.type == "cpu",
-        seed=0,
+        seed=seed,
     )
     config = SparsityConfig(
         method="imp",
         prune_fraction=0.2,
-        levels=opts.levels,
+        levels=opts.levels if levels is None else levels,
         scope="layerwise",
         layer_rates={"classifier": 0.5},
         rewind="step",
@@ -233,6 +238,48 @@ def parity(opts, data, device) -> dict:
     return {"engines": rows, "diff": diffs, "max_abs_diff": max(abs_diffs)}
 
 
+def parity_over_seeds(opts, data, device) -> dict:
+    """Trunk test accuracy per level over `--parity-seeds` seeds under each engine: is any difference more than
+    seed-to-seed noise? Trainer engine: one run per seed (theta_0 and data order from the seed); batched engine: the
+    same number of replicates in one run (replicate r: its own theta_0 and data order)."""
+    n, levels = opts.parity_seeds, opts.parity_levels
+    scores: dict[str, dict[int, list[float]]] = {"trainer": {}, "batched": {}}
+    seconds = {}
+    out = tempfile.mkdtemp(prefix="parity_seeds_")
+    from hf_tickets.lottery import write_report
+
+    start = time.perf_counter()
+    for seed in range(n):
+        root = os.path.join(out, f"trainer_{seed}")
+        make_trainer(opts, data, root, "trainer", device, seed=seed, levels=levels).train()
+        for row in write_report(root)["trunk"]:
+            scores["trainer"].setdefault(row["level"], []).append(score(row)[0])
+    seconds["trainer"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer = make_trainer(opts, data, os.path.join(out, "batched"), "batched", device, levels=levels)
+    trainer.train_experiment(replicates=n)
+    seconds["batched"] = time.perf_counter() - start
+    for r in range(n):
+        for row in write_report(trainer.last_experiment.replicate_root(r))["trunk"]:
+            scores["batched"].setdefault(row["level"], []).append(score(row)[0])
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"parity over {n} seeds (trunk test accuracy at the early-stop step, mean ± std):")
+    table = {}
+    for level in sorted(scores["trainer"]):
+        a, b = scores["trainer"][level], scores["batched"][level]
+        diff = statistics.mean(b) - statistics.mean(a)
+        pooled = ((statistics.stdev(a) ** 2 + statistics.stdev(b) ** 2) / n) ** 0.5 if n > 1 else float("nan")
+        table[level] = {"trainer": a, "batched": b, "mean_diff": diff, "std_error_of_diff": pooled}
+        print(
+            f"  level {level}: trainer {statistics.mean(a):.4f} ± {statistics.pstdev(a):.4f}, batched "
+            f"{statistics.mean(b):.4f} ± {statistics.pstdev(b):.4f}, difference {diff:+.4f} (std error {pooled:.4f})"
+        )
+    print(
+        f"  wall: trainer engine {seconds['trainer']:.1f} s ({n} runs), batched {seconds['batched']:.1f} s (one run)"
+    )
+    return {"levels": table, "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -244,11 +291,13 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--parity", action="store_true", help="also compare per-level accuracy of both engines")
+    parser.add_argument("--parity-seeds", type=int, default=0, help="also compare engines over this many seeds")
+    parser.add_argument("--parity-levels", type=int, default=1, help="pruning levels of the multi-seed parity runs")
     parser.add_argument("--tiny", action="store_true", help="4k training images, short levels (smoke run)")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args()
     if opts.tiny:
-        opts.steps, opts.eval_steps, opts.levels, opts.rounds = 100, 50, 1, 2
+        opts.steps, opts.eval_steps, opts.levels, opts.rounds = 100, 50, 1, min(opts.rounds, 2)
     device = torch.device(opts.device)
     data, source = load_mnist(device, opts.tiny)
     info = {
@@ -258,7 +307,7 @@ def main() -> None:
         "options": vars(opts),
     }
     print(json.dumps(info), flush=True)
-    results = {"info": info, "timing": timing_rounds(opts, data, device)}
+    results = {"info": info, "timing": timing_rounds(opts, data, device) if opts.rounds > 0 else {}}
     for arm, entry in results["timing"].items():
         line = f"{arm:>15}: {entry['network_steps_per_s_median']:>10,.0f} network-steps/s"
         if "ratio_median" in entry:
@@ -268,6 +317,8 @@ def main() -> None:
         print(line, flush=True)
     if opts.parity:
         results["parity"] = parity(opts, data, device)
+    if opts.parity_seeds:
+        results["parity_seeds"] = parity_over_seeds(opts, data, device)
     if opts.json:
         with open(opts.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)

@@ -960,3 +960,56 @@ def test_batched_and_trainer_engines_agree_per_level(tmp_path):
         loss_b, loss_s = batched["train_loss"], sequential["train_loss"]
         assert abs(loss_b - loss_s) <= 0.2 * loss_s, f"level {level}: train loss {loss_b:.4f} vs {loss_s:.4f}"
         assert acc_b > 0.9, f"level {level}: the batched engine did not learn digits ({acc_b:.3f})"
+
+
+class _RecordingDataset(TensorImageDataset):
+    """Records the batch indices the Trainer's sampler hands out, so the lockstep engine can replay them."""
+
+    def __init__(self, pixel_values, labels):
+        super().__init__(pixel_values, labels)
+        self.batches: list[list[int]] = []
+
+    def __getitems__(self, indices):
+        self.batches.append([int(i) for i in indices])
+        return super().__getitems__(indices)
+
+
+@pytest.mark.parametrize("optim, lr", [("sgd", 0.1), ("adamw_torch", 1.2e-3)], ids=["sgd", "adamw_warmup_from_lr_0"])
+def test_lockstep_replaying_trainers_batches_ends_with_trainers_weights(tmp_path, optim, lr):
+    """Given Trainer's own batch order, the engine computes Trainer's training: linear warm-up from lr 0, clipping,
+    weight decay with Trainer's exemptions, AdamW or SGD. The only difference between the engines is data order."""
+    from transformers import Trainer
+
+    splits = load_splits("sklearn/digits", seed=0)
+    train = _RecordingDataset(splits["train"].pixel_values, splits["train"].labels)
+    torch.manual_seed(0)
+    model = build_model("lenet_300_100", image_size=8, num_channels=1, num_labels=10)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    args = training_args(
+        str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=32,
+        optim=optim,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=5,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        dataloader_drop_last=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=TensorImageDataset.collate)
+    trainer.train()
+    plan = plan_from_training_args(args, model, len(train), set(trainer.get_decay_parameter_names(model)))
+    assert plan.lrs[0] == 0.0  # the warm-up starts at lr 0 (Adam's update must not divide by it)
+    tables = torch.tensor(train.batches[: plan.total_steps]).unsqueeze(0)
+    evals = {"validation": SplitTensors(splits["validation"].pixel_values, splits["validation"].labels)}
+    template = build_model("lenet_300_100", image_size=8, num_channels=1, num_labels=10)
+    result = train_lockstep(
+        template, [ArmStart(theta0)], plan, SplitTensors(train.pixel_values, train.labels), evals, tables
+    )[0]
+    trained = model.state_dict()
+    for name, value in result.weights.items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(result.weights["classifier.weight"], theta0["classifier.weight"])

@@ -22,8 +22,8 @@ How a step works (`BatchedMaskedTraining.step`):
 
 Nothing in a step reads a value back to the host (no `.item()`, no branching on tensor values) and every shape is
 fixed, so the step can be captured in a CUDA graph with static input buffers (see `benchmarks/imp_throughput.py`).
-The update rules are those of `torch.optim.SGD` (dampening 0) and `torch.optim.Adam`/`AdamW` (the `capturable`
-form of the bias correction): `tests/test_batched.py` checks that K networks trained together end with the same
+The update rules are those of `torch.optim.SGD` (dampening 0) and `torch.optim.Adam`/`AdamW`, with the step count
+and bias corrections on the device: `tests/test_batched.py` checks that K networks trained together end with the same
 weights as each trained alone with `torch.optim` and `MaskSet` enforcement.
 
 Limits: one floating dtype for all trained parameters; modules whose forward writes buffers in place
@@ -306,7 +306,7 @@ class BatchedMaskedTraining:
         self._flat.addcmul_(g, self._lr, value=-1.0)
 
     def _adam(self, g: torch.Tensor) -> None:
-        # torch.optim.Adam/AdamW with capturable=True: the step count and bias corrections stay on the device.
+        # torch.optim.Adam/AdamW; the step count and bias corrections stay on the device (no host reads).
         beta1, beta2 = self.betas
         self._step.add_(1)
         if self.optimizer == "adamw" and self.weight_decay != 0:
@@ -320,9 +320,11 @@ class BatchedMaskedTraining:
         self._exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         bias_correction1 = 1 - torch.pow(beta1, self._step)
         bias_correction2 = 1 - torch.pow(beta2, self._step)
-        step_size_neg = (self._lr.double() / bias_correction1).neg()
-        denom = (self._exp_avg_sq.sqrt() / (bias_correction2.sqrt() * step_size_neg)).add_(self.eps / step_size_neg)
-        self._flat.addcdiv_(self._exp_avg, denom)
+        step_size_neg = (self._lr.double() / bias_correction1).neg().to(self.dtype)
+        # torch.optim.Adam's non-capturable form, lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), with the scalars kept
+        # on the device. (Its capturable form divides by the learning rate, which is NaN at lr = 0: warm-up.)
+        denom = (self._exp_avg_sq.sqrt() / bias_correction2.sqrt().to(self.dtype)).add_(self.eps)
+        self._flat.add_((self._exp_avg / denom).mul_(step_size_neg))
 
     # ---- evaluation and results ----------------------------------------------------------------------------------
 
