@@ -99,6 +99,7 @@ def make_trainer(
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
+        dataloader_drop_last=opts.drop_last,
         use_cpu=device.type == "cpu",
         seed=seed,
     )
@@ -293,6 +294,11 @@ def main() -> None:
     parser.add_argument("--parity", action="store_true", help="also compare per-level accuracy of both engines")
     parser.add_argument("--parity-seeds", type=int, default=0, help="also compare engines over this many seeds")
     parser.add_argument("--parity-levels", type=int, default=1, help="pruning levels of the multi-seed parity runs")
+    parser.add_argument(
+        "--drop-last",
+        action="store_true",
+        help="Trainer drops each epoch's short batch (the batched engine never has one)",
+    )
     parser.add_argument("--tiny", action="store_true", help="4k training images, short levels (smoke run)")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args()
