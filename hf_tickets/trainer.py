@@ -141,10 +141,12 @@ class TicketTrainer(Trainer):
         """Train; with method="imp", run every IMP level (see `hf_tickets.lottery`).
 
         For IMP, `resume_from_checkpoint` is implied: finished levels in `output_dir` are skipped and an
-        interrupted level resumes from its last checkpoint.
+        interrupted level resumes from its last checkpoint (with engine="batched": is trained again). IMP returns
+        the metrics of the last level it trained.
         """
-        if self.engine == "batched":
-            return self.train_experiment()
+        if self.engine == "batched":  # like IMPRunner: the last trained trunk level's metrics (None if all were done)
+            metrics = self.train_experiment()
+            return metrics[0] if metrics else None
         if self.sparsity_config.method in ITERATIVE_METHODS:
             from .lottery import IMPRunner
 
