@@ -342,13 +342,7 @@ class BatchedMaskedTraining:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> list[float]:
         """Accuracy of each network on (`x` `[N, ...]`, `y` `[N]`), in fixed-size chunks; one host read at the end."""
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"x and y must hold the same, non-zero number of examples, got {len(x)} and {len(y)}.")
-        correct = torch.zeros(self.num_models, dtype=torch.int64, device=self.device)
-        for i in range(0, len(x), batch_size):
-            predictions = self.logits(x[i : i + batch_size]).argmax(-1)
-            correct += (predictions == y[i : i + batch_size].to(self.device, non_blocking=True)).sum(-1)
-        return (correct.double() / len(x)).tolist()
+        return self.evaluate_loss_accuracy(x, y, batch_size)[1].tolist()
 
     @torch.no_grad()
     def evaluate_loss_accuracy(

@@ -115,6 +115,7 @@ class LockstepExperiment:
         self.root = args.output_dir
         self.last_pass: dict[str, Any] = {}
         self._trunk_final: dict[tuple[int, int], dict] = {}
+        self._tables: Optional[torch.Tensor] = None
 
     @classmethod
     def from_trainer(cls, trainer, replicates: int = 1) -> "LockstepExperiment":
@@ -171,7 +172,7 @@ class LockstepExperiment:
                     jobs += [(kind, r, level_dir(control_dir(root, kind), level)) for kind in controls]
             jobs = [job for job in jobs if not is_complete(job[2])]
             if jobs:
-                out = self._train_jobs(jobs, lambda job, masks=masks: masks[job[1]], level=level)
+                out = self._train_jobs(jobs, lambda job, masks=masks: masks[job[1]])
         self._write_reports()
         return out
 
@@ -212,12 +213,12 @@ class LockstepExperiment:
         load_weights_(model, weights)
         return self.method.prune(model, current, level)
 
-    def _train_jobs(self, jobs: list, masks_of, level: Optional[int] = None) -> list[dict]:
+    def _train_jobs(self, jobs: list, masks_of) -> list[dict]:
         """Build the arms of `jobs` ((kind, replicate, folder)), train them in one pass, write their folders."""
         arms, arm_masks = [], []
         for job in jobs:
             kind, r, _ = job
-            lv = level if level is not None else _level_of(job)
+            lv = _level_of(job)
             trunk_masks = masks_of(job)
             if kind == "trunk":
                 arm_mask = MaskSet(dict(trunk_masks), dict(trunk_masks.metadata))
@@ -231,7 +232,9 @@ class LockstepExperiment:
             arm_masks.append(arm_mask)
             arms.append(self._arm_start(kind, r, lv, arm_mask))
         makes_rewind_point = self.k > 0 and any(job[0] == "trunk" and _level_of(job) == 0 for job in jobs)
-        tables = batch_tables(self.plan, len(self.train.y), self.replicates, self.device)
+        if self._tables is None:  # every level replays the same data orders: draw them once
+            self._tables = batch_tables(self.plan, len(self.train.y), self.replicates, self.device)
+        tables = self._tables
         started = time.perf_counter()
         results = train_lockstep(
             self.template,
@@ -245,10 +248,10 @@ class LockstepExperiment:
         seconds = time.perf_counter() - started
         steps = sum(self.plan.total_steps - arm.start_step for arm in arms)
         self.last_pass = {"networks": len(arms), "network_steps": steps, "seconds": seconds}
-        best = [row.get("validation", {}).get("accuracy") for r in results for row in r.history[-1:]]
+        best = [r.history[-1].get("validation", {}).get("accuracy") if r.history else None for r in results]
         logger.info(
             "level %s: %d networks, %d network-steps in %.1f s (%.0f/s); final validation accuracy %s",
-            level if level is not None else sorted({_level_of(job) for job in jobs}),
+            ", ".join(str(lv) for lv in sorted({_level_of(job) for job in jobs})),
             len(arms),
             steps,
             seconds,
