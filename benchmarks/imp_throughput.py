@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer, apply_sparsity  # noqa: E402
 from hf_tickets.allocation import random_masks_like  # noqa: E402
 from hf_tickets.data import TensorImageDataset  # noqa: E402
@@ -243,17 +244,18 @@ def torch_optimizer(opts, params) -> torch.optim.Optimizer:
 def plain_step_fn(model, optimizer, x, y, batch, generator, masks: Optional[MaskSet] = None):
     """The plain loop's step: indices drawn on the device, forward, backward, (enforcement), optimizer step."""
     n = len(x)
+    enforcer = MaskEnforcer(masks, model) if masks is not None else None
 
     def step():
         idx = torch.randint(0, n, (batch,), device=x.device, generator=generator)
         loss = F.cross_entropy(model(x[idx]).logits, y[idx])
         optimizer.zero_grad()
         loss.backward()
-        if masks is not None:
-            masks.mask_grads_(model)
+        if enforcer is not None:
+            enforcer.mask_grads_()
         optimizer.step()
-        if masks is not None:
-            masks.apply_(model)
+        if enforcer is not None:
+            enforcer.mask_weights_()
         return loss
 
     return step
@@ -370,7 +372,7 @@ def accuracy_check(opts, data, device, clock) -> dict:
     labels, models, masks = lth_arms(4, opts.sparsity)
     plain_model = seeded_model_copy(models[0]).to(device)
     plain_masks = masks[0].clone()
-    plain_masks.apply_(plain_model)
+    apply_masks_(plain_model, plain_masks)
     gen = torch.Generator(device=device)
     gen.manual_seed(1234)
     step = plain_step_fn(
@@ -399,7 +401,7 @@ def accuracy_check(opts, data, device, clock) -> dict:
         "passed": abs(plain_acc - batched_acc[0]) <= 0.005,
         "max_weight_difference": max_diff,
         "violations": {
-            "plain_masked": plain_masks.count_violations(plain_model),
+            "plain_masked": count_violations(plain_model, plain_masks),
             "batched": batched.count_violations(),
         },
         "batched_eval_ms": eval_ms,
@@ -485,7 +487,7 @@ def main() -> None:
         return g
 
     plain = seeded_model_copy(models[0]).to(device)
-    masks[0].clone().apply_(plain)
+    apply_masks_(plain, masks[0].clone())
     arms["plain"] = LoopArm(
         "plain",
         1,
@@ -495,7 +497,7 @@ def main() -> None:
     )
     masked_model = seeded_model_copy(models[0]).to(device)
     loop_masks = masks[0].clone()
-    loop_masks.apply_(masked_model)
+    apply_masks_(masked_model, loop_masks)
     arms["plain_masked"] = LoopArm(
         "plain_masked",
         1,
@@ -512,7 +514,7 @@ def main() -> None:
     ):
         model = seeded_model_copy(models[0])
         if arm_masks is None:
-            masks[0].clone().apply_(model)  # the same sparse start, but nothing keeps it sparse
+            apply_masks_(model, masks[0].clone())  # the same sparse start, but nothing keeps it sparse
         trainer, timer = ticket_trainer(
             opts, model, arm_masks, data["train"], os.path.join(tmp.name, name), clock, no_sync
         )
@@ -583,9 +585,9 @@ def main() -> None:
         print(f"round {r}: network-steps/s  {line}", flush=True)
 
     violations = {
-        "plain_masked": loop_masks.count_violations(masked_model),
+        "plain_masked": count_violations(masked_model, loop_masks),
         **{
-            n: a.trainer.masks.count_violations(a.trainer.model)
+            n: count_violations(a.trainer.model, a.trainer.masks)
             for n, a in arms.items()
             if isinstance(a.__dict__.get("trainer"), TicketTrainer)
         },

@@ -1,7 +1,7 @@
 """`MaskSet`: boolean masks keyed by parameter name, held outside the module tree.
 
-The model is never changed structurally: enforcement multiplies weights and gradients in place, so a sparse
-model's state_dict keys are exactly the dense model's. On disk, masks are bit-packed uint8 tensors in
+Data only: enforcement lives in `enforce.py`. The model is never changed structurally, so a sparse model's
+state_dict keys are exactly the dense model's. On disk, masks are bit-packed uint8 tensors in
 `masks.safetensors` with JSON metadata in the safetensors header; nothing is pickled.
 """
 
@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from .kernels import MultiTensorMasker, zero_pruned_
 
 MASKS_NAME = "masks.safetensors"
 REPORT_NAME = "sparsity_report.json"
@@ -57,8 +55,6 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 raise TypeError(f"mask {name!r} must be a torch.Tensor, got {type(mask).__name__}")
             self._masks[name] = mask if mask.dtype == torch.bool else mask.ne(0)
         self.metadata: dict[str, object] = dict(metadata or {})
-        # (weakref to the bound model, its masked parameters, the masks on their devices, the launch tables)
-        self._bound: Optional[tuple[weakref.ref, list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]] = None
 
     # ---- Mapping ---------------------------------------------------------------------------------------------
 
@@ -146,46 +142,6 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 f"mask {n!r} has shape {got} but the parameter has shape {want} ({len(wrong)} mismatched): the masks "
                 "were made for a different model configuration."
             )
-
-    def _params_and_masks(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], MultiTensorMasker]:
-        """Parameter and mask lists, cached per model and moved next to the parameters once."""
-        # Rebind when the model changes or was moved (Module.to keeps the Parameter objects, not their device).
-        if (
-            self._bound is None
-            or self._bound[0]() is not model
-            or (self._bound[1] and self._bound[1][0].device != self._bound[2][0].device)
-        ):
-            params = dict(model.named_parameters())
-            self.validate_for(model)
-            plist = [params[n] for n in self._masks]
-            for n, p in zip(self._masks, plist):
-                if self._masks[n].device != p.device or not self._masks[n].is_contiguous():
-                    self._masks[n] = self._masks[n].to(p.device).contiguous()
-            mlist = [self._masks[n] for n in self._masks]
-            self._bound = (weakref.ref(model), plist, mlist, MultiTensorMasker(mlist))
-        return self._bound[1], self._bound[2], self._bound[3]
-
-    def apply_(self, model: nn.Module) -> nn.Module:
-        """Zero every masked-out weight of `model` in place (one launch or one foreach call, no per-layer loop)."""
-        params, masks, masker = self._params_and_masks(model)
-        zero_pruned_(params, masks, masker)
-        return model
-
-    def mask_grads_(self, model: nn.Module) -> None:
-        """Zero the gradients of masked-out weights in place; parameters without a gradient are skipped."""
-        params, masks, masker = self._params_and_masks(model)
-        grads = [p.grad for p in params]
-        if all(g is not None for g in grads):
-            zero_pruned_(grads, masks, masker)
-        else:
-            pairs = [(g, m) for g, m in zip(grads, masks) if g is not None]
-            if pairs:
-                zero_pruned_([g for g, _ in pairs], [m for _, m in pairs], None)
-
-    def count_violations(self, model: nn.Module) -> int:
-        """Number of masked-out weights that are not exactly zero (0 when the masks are enforced)."""
-        params = dict(model.named_parameters())
-        return int(sum(int((params[n].detach()[~m.to(params[n].device)] != 0).sum()) for n, m in self._masks.items()))
 
     # ---- I/O -------------------------------------------------------------------------------------------------
 

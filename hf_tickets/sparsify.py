@@ -8,6 +8,7 @@ from torch import nn
 
 from .allocation import check_layer_rates
 from .config import SparsityConfig
+from .enforce import apply_masks_
 from .masks import MaskSet
 from .methods import get_method
 from .targets import resolve_targets
@@ -28,6 +29,6 @@ def apply_sparsity(model: nn.Module, config: SparsityConfig, masks: Optional[Mas
         check_layer_rates(list(targets), config.layer_rates)
         masks = get_method(config.method)(config).compute_masks(model, targets)
     masks.validate_for(model)
-    masks.apply_(model)
+    apply_masks_(model, masks)
     object.__setattr__(model, MASKS_ATTR, masks)
     return masks

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .cards import write_model_card
 from .config import ITERATIVE_METHODS, SparsityConfig
+from .enforce import MaskEnforcer
 from .masks import MASKS_NAME, MaskSet
 from .sparsify import MASKS_ATTR, apply_sparsity
 
@@ -38,6 +39,12 @@ class SparsityCallback(TrainerCallback):
         self.masks = masks
         self.model = model
         self._grads_masked = False
+        self._enforcer: Optional[MaskEnforcer] = None
+
+    def enforcer(self, model: nn.Module) -> MaskEnforcer:
+        if self._enforcer is None or self._enforcer.masks is not self.masks or self._enforcer.model is not model:
+            self._enforcer = MaskEnforcer(self.masks, model)
+        return self._enforcer
 
     def _model(self, kwargs: dict) -> nn.Module:
         model = self.model if self.model is not None else kwargs.get("model")
@@ -48,19 +55,19 @@ class SparsityCallback(TrainerCallback):
     def mask_grads(self, model: Optional[nn.Module] = None) -> None:
         """Zero pruned gradients once for the current optimizer step."""
         if not self._grads_masked:
-            self.masks.mask_grads_(model if model is not None else self._model({}))
+            self.enforcer(model if model is not None else self._model({})).mask_grads_()
             self._grads_masked = True
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Weights loaded from a checkpoint or changed by the user since the masks were made are zeroed again.
-        self.masks.apply_(self._model(kwargs))
+        self.enforcer(self._model(kwargs)).mask_weights_()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.mask_grads(self._model(kwargs))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Momentum and weight decay would move pruned weights off zero; a skipped (inf) fp16 step changes nothing.
-        self.masks.apply_(self._model(kwargs))
+        self.enforcer(self._model(kwargs)).mask_weights_()
         self._grads_masked = False
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_cnn
 
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet
 from hf_tickets.allocation import random_masks_like
 from hf_tickets.lottery.batched import BatchedMaskedTraining, cross_entropy
@@ -65,19 +66,19 @@ def _torch_optimizer(kind: str, params, hp: dict) -> torch.optim.Optimizer:
 def _train_alone(model, masks, kind, hp, batches, check_zero=True) -> dict[str, torch.Tensor]:
     """The reference: one network, torch.optim, MaskSet enforcement (mask grads before the step, weights after)."""
     if masks is not None:
-        masks.apply_(model)
+        apply_masks_(model, masks)
     opt = _torch_optimizer(kind, model.parameters(), hp)
     for x, y in batches:
         loss = F.cross_entropy(model(x).logits, y)
         opt.zero_grad()
         loss.backward()
         if masks is not None:
-            masks.mask_grads_(model)
+            MaskEnforcer(masks, model).mask_grads_()
         opt.step()
         if masks is not None:
-            masks.apply_(model)
+            apply_masks_(model, masks)
             if check_zero:
-                assert masks.count_violations(model) == 0
+                assert count_violations(model, masks) == 0
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -187,7 +188,7 @@ def test_evaluate_matches_each_model_evaluated_alone(arch):
             alone = model(x).logits
         torch.testing.assert_close(logits[i], alone, rtol=1e-5, atol=1e-5)
         assert accuracies[i] == pytest.approx((alone.argmax(-1) == y).double().mean().item())
-        assert masks[i].count_violations(model) == 0
+        assert count_violations(model, masks[i]) == 0
 
 
 def test_unstack_gives_loadable_state_dicts_and_models_are_not_changed():

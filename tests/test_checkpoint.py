@@ -11,6 +11,7 @@ from conftest import MODEL_BUILDERS, TinyCNN, ViolationCounter, make_dataset, tr
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, GPT2LMHeadModel
 
+from hf_tickets.enforce import count_violations
 from hf_tickets import SparsityConfig, TicketTrainer, load_masks
 from hf_tickets.config import CONFIG_NAME
 from hf_tickets.masks import MASKS_NAME, REPORT_NAME
@@ -60,7 +61,7 @@ def test_save_then_stock_reload_keeps_zeros(kind, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     masks = load_masks(out)
     assert masks == trainer.masks
-    assert masks.count_violations(reloaded) == 0
+    assert count_violations(reloaded, masks) == 0
     trained = trainer.model.state_dict()
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, trained[key]), key
@@ -114,7 +115,7 @@ def test_resume_from_checkpoint_keeps_masks(tmp_path):
 
     class Count(ViolationCounter):
         def on_optimizer_step(self, args, state, control, **kwargs):
-            self.per_step.append(second.masks.count_violations(second.model))
+            self.per_step.append(count_violations(second.model, second.masks))
 
     count = Count(None, second.model)
     second.add_callback(count)
@@ -136,7 +137,7 @@ def test_resume_from_last_checkpoint_with_true(tmp_path):
     second = _train("cnn", run, SparsityConfig(method="random", sparsity=0.6, seed=4), steps=6, save_strategy="no")
     second.train(resume_from_checkpoint=True)  # picks checkpoint-4
     assert second.masks == first.masks
-    assert second.masks.count_violations(second.model) == 0
+    assert count_violations(second.model, second.masks) == 0
 
 
 def test_checkpoint_weights_hold_zeros(tmp_path):

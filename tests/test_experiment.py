@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer
 from hf_tickets.allocation import random_masks_like
 from hf_tickets.data import TensorImageDataset, load_splits
@@ -91,14 +92,14 @@ def _reference_step(model, opt, masks, x, y, max_grad_norm=None) -> tuple[float,
     opt.zero_grad()
     loss.backward()
     if masks is not None:
-        masks.mask_grads_(model)
+        MaskEnforcer(masks, model).mask_grads_()
     if max_grad_norm is not None:
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     else:
         norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
     opt.step()
     if masks is not None:
-        masks.apply_(model)
+        apply_masks_(model, masks)
     return float(loss.detach()), norm
 
 
@@ -137,7 +138,7 @@ def test_clipping_matches_clip_grad_norm_after_masking(kind, hp):
     norms = []
     for i, (seed, mask) in enumerate(zip(seeds, masks)):
         model = _model(seed)
-        mask.apply_(model)
+        apply_masks_(model, mask)
         opt_cls = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
         opt = opt_cls(model.parameters(), **hp)
         for xb, yb in batches:
@@ -163,7 +164,7 @@ def test_decay_names_exempt_biases_like_torch_param_groups(kind):
         decay_all.step(xb, yb)
 
     model = _model(0)
-    mask.apply_(model)
+    apply_masks_(model, mask)
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[kind]
     opt = cls(_decay_groups(model, wd), **hp)
     for xb, yb in batches:
@@ -494,7 +495,7 @@ def test_lockstep_arm_equals_torch_loop_on_its_batch_table_and_schedule():
     )
 
     model = _model(0)
-    mask.apply_(model)
+    apply_masks_(model, mask)
     opt = torch.optim.AdamW(_decay_groups(model, plan.weight_decay), lr=plan.lrs[0])
     losses = []
     for step in range(plan.total_steps):
@@ -679,7 +680,7 @@ def test_experiment_layout_masks_controls_and_rewind(tmp_path, digits, lockstep_
     for folder in [_level(root, 2), _level(root, 1, "reinit"), _level(root, 2, "random_prune")]:
         masks = MaskSet.load(folder)
         model = cls.from_pretrained(folder)
-        assert masks.count_violations(model) == 0
+        assert count_violations(model, masks) == 0
         params = dict(model.named_parameters())
         for name, keep in masks.items():
             assert torch.count_nonzero(params[name][~keep]) == 0
@@ -914,7 +915,7 @@ def test_ticket_trainer_batched_experiment_then_control_in_one_pass(tmp_path, lo
     assert [len(c["arms"]) for c in lockstep_calls] == [1, 2, 2]
     last = MaskSet.load(_level(out, 2))
     assert trainer.masks == last and trainer.masks.sparsity() > 0.3
-    assert trainer.masks.count_violations(trainer.model) == 0
+    assert count_violations(trainer.model, trainer.masks) == 0
     saved = load_file(os.path.join(_level(out, 2), "model.safetensors"))
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach().cpu(), saved[name]), f"trainer.model is not level 2's {name}"

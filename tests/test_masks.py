@@ -12,6 +12,7 @@ from conftest import make_bert, make_cnn
 from safetensors import safe_open
 from torch import nn
 
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet, SparsityConfig, __version__, apply_sparsity, load_masks
 from hf_tickets.masks import MASKS_NAME, REPORT_NAME, pack_bits, unpack_bits
 
@@ -70,9 +71,9 @@ def test_mapping_interface_and_bool_conversion():
 def test_apply_zeroes_exactly_the_masked_weights():
     mlp, masks = _mlp_and_masks()
     before = {n: p.detach().clone() for n, p in mlp.named_parameters()}
-    assert masks.count_violations(mlp) > 0
-    masks.apply_(mlp)
-    assert masks.count_violations(mlp) == 0
+    assert count_violations(mlp, masks) > 0
+    apply_masks_(mlp, masks)
+    assert count_violations(mlp, masks) == 0
     params = dict(mlp.named_parameters())
     for name, m in masks.items():
         assert torch.all(params[name][~m] == 0)
@@ -86,7 +87,7 @@ def test_mask_grads_zeroes_masked_gradients_and_skips_missing_ones():
     mlp(torch.randn(5, 4)).sum().backward()
     mlp[2].weight.grad = None  # a parameter without a gradient is skipped, not an error
     grads_before = mlp[0].weight.grad.clone()
-    masks.mask_grads_(mlp)
+    MaskEnforcer(masks, mlp).mask_grads_()
     m = masks["0.weight"]
     assert torch.all(mlp[0].weight.grad[~m] == 0)
     assert torch.equal(mlp[0].weight.grad[m], grads_before[m])
@@ -95,7 +96,7 @@ def test_mask_grads_zeroes_masked_gradients_and_skips_missing_ones():
 
 def test_apply_does_not_record_autograd_history():
     mlp, masks = _mlp_and_masks()
-    masks.apply_(mlp)
+    apply_masks_(mlp, masks)
     assert mlp[0].weight.grad_fn is None and mlp[0].weight.is_leaf
 
 
@@ -106,16 +107,16 @@ def test_apply_works_after_dtype_change():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    masks.apply_(model)
-    assert masks.count_violations(model) == 0
+    apply_masks_(model, masks)
+    assert count_violations(model, masks) == 0
 
 
 def test_apply_rebinds_for_another_model():
     mlp, masks = _mlp_and_masks()
-    masks.apply_(mlp)
+    apply_masks_(mlp, masks)
     other, _ = _mlp_and_masks()
-    masks.apply_(other)
-    assert masks.count_violations(other) == 0
+    apply_masks_(other, masks)
+    assert count_violations(other, masks) == 0
 
 
 def test_validate_for():

@@ -15,7 +15,7 @@ How a step works (`BatchedMaskedTraining.step`):
    costs less host time than `vmap(grad(...))`);
 2. the K x (all parameters) gradients are concatenated into one flat tensor laid out like the flat parameter
    buffer, so the optimizer is a handful of whole-buffer tensor ops, never a Python loop over networks or layers;
-3. pruned gradients are zeroed before the update and pruned weights after it (`masked_fill_` with the stacked
+3. pruned gradients are zeroed before the update and pruned weights after it (`enforce.zero_pruned_flat_` with the stacked
    masks), the rule `TicketTrainer` enforces for one network;
 4. SGD (momentum, Nesterov, weight decay) or Adam/AdamW with the step count and the learning rate held as device
    tensors.
@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+from ..enforce import zero_pruned_flat_
 
 __all__ = ["OPTIMIZERS", "BatchedMaskedTraining", "cross_entropy", "logits_of"]
 
@@ -202,7 +204,7 @@ class BatchedMaskedTraining:
         }
         self._consts.update({n: b.to(self.device) for n, b in stacked_buffers.items()})
         with torch.no_grad():
-            self._flat.masked_fill_(self._pruned, 0.0)
+            zero_pruned_flat_([self._flat], self._pruned)
 
         # The skeleton whose forward is called with the stacked tensors: no storage of its own (meta device), so a
         # tensor left out of the call fails loudly instead of silently using stale weights.
@@ -272,14 +274,14 @@ class BatchedMaskedTraining:
             grads = torch.autograd.grad(losses, leaves, grad_outputs=self._ones)
         with torch.no_grad():
             flat_grad = torch.cat([g.reshape(-1) for g in grads])
-            flat_grad.masked_fill_(self._pruned, 0.0)  # pruned weights get no gradient ...
+            zero_pruned_flat_([flat_grad], self._pruned)  # pruned weights get no gradient ...
             if self.max_grad_norm is not None:
                 self._clip_(flat_grad)
             if self.optimizer == "sgd":
                 self._sgd(flat_grad)
             else:
                 self._adam(flat_grad)
-            self._flat.masked_fill_(self._pruned, 0.0)  # ... and stay exactly zero whatever the update did
+            zero_pruned_flat_([self._flat], self._pruned)  # ... and stay exactly zero whatever the update did
         return losses.detach()
 
     def _add_l2_(self, g: torch.Tensor) -> torch.Tensor:
@@ -407,10 +409,10 @@ class BatchedMaskedTraining:
                 value = state.get(f"{kind}/{name}")
                 if value is not None:
                     flat[a:b].view(k, *shape)[i].copy_(value.to(self.device, self.dtype))
-        self._flat.masked_fill_(self._pruned, 0.0)
+        zero_pruned_flat_([self._flat], self._pruned)
         for kind in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
             if kind in buffers:
-                buffers[kind].masked_fill_(self._pruned, 0.0)  # no momentum may revive a pruned weight
+                zero_pruned_flat_([buffers[kind]], self._pruned)  # no momentum may revive a pruned weight
 
     @property
     def step_count(self) -> int:

@@ -17,6 +17,7 @@ from safetensors.torch import load_model, save_model
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, set_seed
 
+from ..enforce import MaskEnforcer
 from ..masks import MaskSet
 
 if TYPE_CHECKING:
@@ -68,27 +69,12 @@ class LevelStartCallback(TrainerCallback):
         model = self.trainer.model
         if self.weights_file is not None:
             load_model(model, self.weights_file, strict=True, device=str(next(model.parameters()).device))
-        self.trainer.masks.apply_(model)
-        optimizer = kwargs.get("optimizer") or self.trainer.optimizer
-        if optimizer is not None:
-            zero_pruned_optimizer_state_(optimizer, model, self.trainer.masks)
+        enforcer = MaskEnforcer(self.trainer.masks, model)
+        enforcer.mask_weights_()
+        enforcer.zero_optimizer_state_(kwargs.get("optimizer") or self.trainer.optimizer)
         self.loaded_log_entries = len(state.log_history)
         for hook in self.on_start:
             hook()
-
-
-@torch.no_grad()
-def zero_pruned_optimizer_state_(optimizer, model: torch.nn.Module, masks: MaskSet) -> None:
-    """Zero momentum-like state of pruned weights, so a restored optimizer cannot revive them."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        state = inner.state.get(params[name])
-        if not state:
-            continue
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                value.mul_(mask.to(value.device))
 
 
 class RewindCapture(TrainerCallback):
