@@ -151,7 +151,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
         """Write `masks.safetensors` (bit-packed) and `sparsity_report.json`, atomically; return the masks path."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from .version import __version__
 
         os.makedirs(save_directory, exist_ok=True)
         packed = {n: pack_bits(m) for n, m in self._masks.items()}

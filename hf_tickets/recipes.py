@@ -308,7 +308,7 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     if trainer.engine == "batched":
         return _run_batched(trainer, recipe, summary)
     trainer.train()
-    if trainer.sparsity_config.method == "imp":
+    if trainer.sparsity_method is not None and trainer.sparsity_method.iterative:
         for kind in recipe.get("controls") or []:
             trainer.train_control(kind, levels=recipe.get("control_levels"))
         if trainer.args.should_save:  # one process writes the report and the ticket (torchrun / accelerate)
