@@ -114,7 +114,7 @@ class SparsityConfig(PushToHubMixin):
                 name: m for m, c in sorted(_CONFIG_CLASSES.items()) for name in unknown if name in _field_names(c)
             }
             hints = "; ".join(f"{n} belongs to method={m!r}" for n, m in owners.items())
-            raise ValueError(
+            raise TypeError(
                 f"SparsityConfig(method={method or cls.method!r}) has no field(s) {unknown}"
                 + (f" ({hints})" if hints else "")
                 + f": its fields are {sorted(own)}."

@@ -136,14 +136,18 @@ class TicketTrainer(Trainer):
             metrics = dict(IMPRunner(self).run() or {})
         return TrainOutput(self.state.global_step, float(metrics.get("train_loss", 0.0)), metrics)
 
-    def train_once(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any) -> TrainOutput:
-        """One `Trainer.train` run with the current masks (what `train()` is for a non-iterative method; the
-        lottery runner calls it once per level). Masks saved in the checkpoint resumed from are restored."""
+    def train_once(
+        self, resume_from_checkpoint=None, *args: Any, restore_masks: bool = True, **kwargs: Any
+    ) -> TrainOutput:
+        """One `Trainer.train` run (what `train()` is for a non-iterative method; the lottery runner calls it once
+        per level). With `restore_masks`, masks saved in the checkpoint resumed from replace the current ones; the
+        runner turns it off to resume a level's rewind point (a level-0 checkpoint) under the level's own masks."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if (
-            self.sparsity_callback is not None
+            restore_masks
+            and self.sparsity_callback is not None
             and isinstance(checkpoint, (str, os.PathLike))
             and os.path.isfile(os.path.join(checkpoint, MASKS_NAME))
         ):

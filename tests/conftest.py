@@ -223,6 +223,11 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
+def count_violations_of(trainer) -> int:
+    """Pruned weights of a TicketTrainer's model that are not exactly zero."""
+    return count_violations(trainer.model, trainer.masks)
+
+
 class ViolationCounter(TrainerCallback):
     """After every optimizer step, count masked weights that are not exactly zero.
 

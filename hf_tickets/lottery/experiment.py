@@ -110,7 +110,7 @@ class LockstepExperiment:
             )
         from ..targets import resolve_targets
 
-        self.level0_masks = self.method.compute_masks(model, resolve_targets(model, config))
+        self.level0_masks = self.method.initial_masks(model, resolve_targets(model, config), None)
         self.template = _cpu_copy(model)
         self.root = args.output_dir
         self.last_pass: dict[str, Any] = {}

@@ -133,7 +133,7 @@ def train_level(
         for cb in callbacks:
             trainer.add_callback(cb)
         trainer.optimizer, trainer.lr_scheduler = None, None  # fresh, or restored from `resume`
-        output = trainer.train_once(resume_from_checkpoint=resume)
+        output = trainer.train_once(resume_from_checkpoint=resume, restore_masks=False)  # masks: this level's
         trainer.save_model(partial)
         entries = trainer.state.log_history[hook.loaded_log_entries :]
         metrics = level_metrics(trainer, masks, entries, output.training_loss)
