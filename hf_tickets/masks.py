@@ -14,7 +14,6 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-
 MASKS_NAME = "masks.safetensors"
 REPORT_NAME = "sparsity_report.json"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)

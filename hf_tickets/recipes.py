@@ -22,8 +22,9 @@ import shutil
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
 import yaml
+
+from .lottery.metrics import accuracy  # noqa: F401  (recipes train with it; tests and benchmarks import it here)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -94,14 +95,6 @@ def _coerce_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [_coerce_numbers(v) for v in value]
     return value
-
-
-def accuracy(eval_pred) -> dict[str, float]:
-    """Top-1 accuracy, computed directly (evaluate.load would fetch its script from the Hub)."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
 def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:

@@ -16,9 +16,7 @@ from .targets import resolve_targets
 MASKS_ATTR = "hf_tickets_masks"
 
 
-def initial_masks(
-    model: nn.Module, method: SparsityMethod, batches: BatchSource = None
-) -> MaskSet:
+def initial_masks(model: nn.Module, method: SparsityMethod, batches: BatchSource = None) -> MaskSet:
     """The masks `method` starts training `model` with (no weight is changed)."""
     config = method.config
     targets = resolve_targets(model, config)

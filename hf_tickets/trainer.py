@@ -74,7 +74,9 @@ class TicketTrainer(Trainer):
         self._user_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None
         if sparsity_config is None:
             if engine != "trainer":
-                raise ValueError("engine='batched' runs IMP experiments: pass sparsity_config=SparsityConfig(method='imp', ...).")
+                raise ValueError(
+                    "engine='batched' runs IMP experiments: pass sparsity_config=SparsityConfig(method='imp', ...)."
+                )
             return
         self.sparsity_method = build_method(sparsity_config)
         if engine == "batched" and not self.sparsity_method.iterative:
@@ -213,7 +215,7 @@ class TicketTrainer(Trainer):
 
     def _load_last_trunk_level(self, root: str) -> None:
         """After a batched run the trainer holds the last trunk level's weights and masks, as after `train()`."""
-        from .lottery.controls import trunk_levels
+        from .lottery.layout import trunk_levels
         from .lottery.levels import level_dir
         from .lottery.lockstep import load_weights_
 

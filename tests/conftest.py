@@ -23,6 +23,7 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+
 from hf_tickets.enforce import count_violations
 
 # Keep the suite quiet and offline: nothing here may reach the Hub.

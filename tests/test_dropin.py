@@ -57,10 +57,14 @@ def _run(cls, out, model=None, **kwargs):
 
 
 def _history(trainer):
-    return [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k} for e in trainer.state.log_history]
+    return [
+        {k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k} for e in trainer.state.log_history
+    ]
 
 
-@pytest.mark.parametrize("sparsity_kwargs", [{}, {"sparsity_config": SparsityConfig(sparsity=0.0)}], ids=["none", "0.0"])
+@pytest.mark.parametrize(
+    "sparsity_kwargs", [{}, {"sparsity_config": SparsityConfig(sparsity=0.0)}], ids=["none", "0.0"]
+)
 def test_built_like_trainer_it_is_trainer(tmp_path, sparsity_kwargs):
     stock, stock_out = _run(Trainer, tmp_path / "stock")
     ticket, ticket_out = _run(TicketTrainer, tmp_path / "ticket", **sparsity_kwargs)

@@ -18,8 +18,8 @@ from conftest import (
 )
 from transformers import Trainer, TrainerCallback
 
-from hf_tickets.enforce import MaskEnforcer, count_violations
 from hf_tickets import MaskSet, SparsityCallback, SparsityConfig, TicketTrainer, apply_sparsity
+from hf_tickets.enforce import MaskEnforcer, count_violations
 
 # The stress setup of the issue: >= 200 optimizer steps, gradient accumulation, AdamW with weight decay and a learning
 # rate high enough that every kept weight moves. Without enforcement this produces violations at the first step.

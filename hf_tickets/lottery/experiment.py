@@ -41,7 +41,8 @@ from ..cards import write_model_card
 from ..config import SparsityConfig
 from ..masks import MaskSet
 from ..methods import build_method
-from .controls import CONTROL_KINDS, REINIT_SEED_OFFSET, control_dir, fresh_init_weights
+from .controls import REINIT_SEED_OFFSET, fresh_init_weights
+from .layout import CONTROL_KINDS, control_dir
 from .levels import INIT_WEIGHTS_NAME, _finish_level, is_complete, level_dir, save_init_weights
 from .lockstep import (
     ArmStart,
@@ -180,7 +181,7 @@ class LockstepExperiment:
         """Control `kind` for finished trunk levels, all levels in one pass; returns the control folder (of
         replicate 0)."""
         _check_controls((kind,))
-        from .controls import trunk_levels
+        from .layout import trunk_levels
 
         for r in range(self.replicates):
             root = self.replicate_root(r)
@@ -430,8 +431,8 @@ def _check_trainer(trainer) -> None:
     """Refuse what the batched engine would silently drop: user callbacks and other metrics."""
     from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 
-    from ..recipes import accuracy
     from ..callbacks import SparsityCallback
+    from .metrics import accuracy
 
     builtin = (DefaultFlowCallback, PrinterCallback, ProgressCallback, SparsityCallback)
     extra = [type(cb).__name__ for cb in trainer.callback_handler.callbacks if not isinstance(cb, builtin)]
@@ -443,7 +444,7 @@ def _check_trainer(trainer) -> None:
     if trainer.compute_metrics not in (None, accuracy):
         raise ValueError(
             "engine='batched' computes loss and accuracy itself and cannot call a custom compute_metrics: pass "
-            "compute_metrics=None (or hf_tickets.recipes.accuracy) or use engine='trainer'."
+            "compute_metrics=None (or hf_tickets.lottery.metrics.accuracy) or use engine='trainer'."
         )
     if getattr(trainer, "_user_optimizer", False):
         raise ValueError(

@@ -59,13 +59,13 @@ class IMPRunner:
     def validate(self) -> None:
         if self.trainer.args.load_best_model_at_end:
             raise ValueError(
-                "TrainingArguments.load_best_model_at_end is not supported with an iterative method: each level must end "
-                "with its last weights (the early-stop step is recorded in metrics.json instead)."
+                "TrainingArguments.load_best_model_at_end is not supported with an iterative method: each level must "
+                "end with its last weights (the early-stop step is recorded in metrics.json instead)."
             )
         if getattr(self.trainer, "_user_optimizer", False):
             raise ValueError(
-                "an iterative method re-creates the optimizer at every level: pass no `optimizers=` to TicketTrainer (use "
-                "TrainingArguments.optim) so that rewinding can restore optimizer state."
+                "an iterative method re-creates the optimizer at every level: pass no `optimizers=` to TicketTrainer "
+                "(use TrainingArguments.optim) so that rewinding can restore optimizer state."
             )
         self.rewind_step()
 
