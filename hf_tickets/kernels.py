@@ -48,8 +48,6 @@ class MultiTensorMasker:
 
     def __init__(self, masks: Sequence[torch.Tensor]) -> None:
         self.masks = list(masks)
-        self._pruned: Optional[list[torch.Tensor]] = None
-        self._subsets: dict[tuple[int, ...], "MultiTensorMasker"] = {}
         self.device = self.masks[0].device if self.masks else torch.device("cpu")
         self.enabled = (
             _HAS_TRITON
@@ -89,22 +87,8 @@ class MultiTensorMasker:
             for t, m in zip(targets, self.masks)
         )
 
-    def subset(self, indices: Sequence[int]) -> "MultiTensorMasker":
-        key = tuple(indices)
-        if key not in self._subsets:
-            self._subsets[key] = MultiTensorMasker([self.masks[i] for i in key])
-        return self._subsets[key]
-
-    @torch.no_grad()
-    def zero_pruned_(self, targets: Sequence[torch.Tensor]) -> None:
-        if self._launch(targets):
-            return
-        if self._pruned is None:
-            self._pruned = [~m for m in self.masks]
-        for target, pruned in zip(targets, self._pruned):
-            target.masked_fill_(pruned.to(target.device), 0)
-
-    def _launch(self, targets: Sequence[torch.Tensor]) -> bool:
+    def zero_pruned_(self, targets: Sequence[torch.Tensor]) -> bool:
+        """targets[i][~masks[i]] = 0 for every i in one launch; False (nothing done) when the kernel can't serve."""
         if not self.enabled:
             return False
         ptrs = tuple(t.data_ptr() for t in targets)
@@ -125,3 +109,14 @@ class MultiTensorMasker:
             BLOCK=BLOCK,
         )
         return True
+
+
+@torch.no_grad()
+def zero_pruned_(
+    targets: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], masker: Optional[MultiTensorMasker]
+) -> None:
+    """Zero `targets[i]` where `masks[i]` is False: one Triton launch when possible, else one foreach call."""
+    if not targets:
+        return
+    if masker is None or not masker.zero_pruned_(targets):
+        torch._foreach_mul_(list(targets), list(masks))
