@@ -24,8 +24,10 @@ install: $(BIN)/.installed
 quickstart: install
 	$(BIN)/hf-tickets run recipes/quickstart_digits.yaml
 
-## Test suite (slow and GPU tests are deselected; run them with `make test-slow` / `pytest -m gpu`)
+## Layering contracts (pyproject [tool.importlinter]), then the test suite (slow and GPU tests are deselected; run
+## them with `make test-slow` / `pytest -m gpu`)
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-slow: install

@@ -1,10 +1,22 @@
 """Lottery tickets and sparse training for any transformers PreTrainedModel."""
 
-__version__ = "0.1.0"
-
+from .callbacks import SparsityCallback
 from .config import SparsityConfig
 from .masks import MaskSet, load_masks
+from .methods import IMPConfig, SparsityMethod, register_method
 from .sparsify import apply_sparsity
-from .trainer import SparsityCallback, TicketTrainer
+from .trainer import TicketTrainer
+from .version import __version__
 
-__all__ = ["MaskSet", "SparsityCallback", "SparsityConfig", "TicketTrainer", "apply_sparsity", "load_masks"]
+__all__ = [
+    "IMPConfig",
+    "MaskSet",
+    "SparsityCallback",
+    "SparsityConfig",
+    "SparsityMethod",
+    "TicketTrainer",
+    "__version__",
+    "apply_sparsity",
+    "load_masks",
+    "register_method",
+]

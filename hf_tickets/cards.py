@@ -22,7 +22,7 @@ def render_sparsity_section(
     masks: MaskSet, config: SparsityConfig, model: Optional[nn.Module] = None, metrics: Optional[dict] = None
 ) -> str:
     """The card's sparsity section, between markers so that later saves replace it in place."""
-    from . import __version__
+    from .version import __version__
 
     report = masks.report()
     model_params = sum(p.numel() for p in model.parameters()) if model is not None else report["numel"]

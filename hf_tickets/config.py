@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from transformers.utils import PushToHubMixin
 
@@ -17,15 +17,21 @@ CONFIG_NAME = "sparsity_config.json"
 
 PATTERNS_HELP = '"unstructured", or "N:M" such as "2:4" (N kept weights in every group of M)'
 SCOPES = ("global", "layerwise")
-REWIND_MODES = ("init", "step", "lr", "none")
-ITERATIVE_METHODS = ("imp",)
+
+# method name -> its config class (SparsityConfig or a subclass with the method's own fields). Filled by
+# `hf_tickets.methods.register_method`; kept here so that config stays a leaf that imports no method.
+_CONFIG_CLASSES: dict[str, type["SparsityConfig"]] = {}
+
+
+def register_config_class(name: str, config_cls: type["SparsityConfig"]) -> None:
+    """Make `SparsityConfig(method=name, ...)` and `from_pretrained` build `config_cls`."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, SparsityConfig)):
+        raise TypeError(f"the config class of method {name!r} must subclass SparsityConfig, got {config_cls!r}.")
+    _CONFIG_CLASSES[name] = config_cls
 
 
 def _known_methods() -> tuple[str, ...]:
-    # Imported lazily: the method registry imports this module.
-    from .methods import available_methods
-
-    return available_methods()
+    return tuple(sorted(_CONFIG_CLASSES))
 
 
 def parse_nm_pattern(pattern: str) -> Optional[tuple[int, int]]:
@@ -60,18 +66,13 @@ class SparsityConfig(PushToHubMixin):
             factor. Matching layers are pruned on their own at `sparsity * factor`; 0.5 is the LTH papers' "output
             layer at half rate"; 0 leaves the layer dense.
         seed: seed of every random choice (random masks, random re-initialisation), shared by all ranks.
-        prune_fraction: IMP: fraction of the still-alive weights pruned after each level (0.2 in the LTH papers).
-        levels: IMP: number of pruning levels after the dense level 0 (level L keeps (1 - prune_fraction)**L).
-        rewind: IMP: where each level restarts from. `"init"`: surviving weights back to their values at step 0
-            (the pretrained weights for a pretrained model); `"step"`: late rewinding to `rewind_step` (weights,
-            optimizer, LR scheduler, RNG and data position as they were at that step of level 0); `"lr"`: keep the
-            trained weights and restart the schedule from `rewind_step` (learning-rate rewinding); `"none"`: keep
-            the trained weights and fine-tune at the last learning rate of the previous level.
-        rewind_step: IMP: the step k of `rewind="step"`/`"lr"`: an integer number of optimizer steps, or a
-            fraction in (0, 1) of a level's training steps.
+
+    Method-specific fields live on the method's own config class (e.g. `IMPConfig` for `"imp"`: `prune_fraction`,
+    `levels`, `rewind`, `rewind_step`). `SparsityConfig(method="imp", levels=5)` builds that class, so one call
+    works for every registered method.
     """
 
-    method: str = field(default="magnitude", metadata={"help": "Mask selection method: magnitude or random."})
+    method: str = field(default="magnitude", metadata={"help": "Mask selection method (see available_methods())."})
     sparsity: Optional[float] = field(
         default=None, metadata={"help": "Fraction of targeted weights set to zero, in [0, 1) (IMP: the target)."}
     )
@@ -96,16 +97,29 @@ class SparsityConfig(PushToHubMixin):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for every random choice; identical on all ranks."})
-    prune_fraction: float = field(
-        default=0.2, metadata={"help": "IMP: fraction of the still-alive weights pruned at the end of each level."}
-    )
-    levels: Optional[int] = field(
-        default=None, metadata={"help": "IMP: pruning levels after the dense level 0 (or give a target sparsity)."}
-    )
-    rewind: str = field(default="init", metadata={"help": "IMP: init, step (late rewinding), lr or none."})
-    rewind_step: Optional[float] = field(
-        default=None, metadata={"help": "IMP: rewind step k: optimizer steps (int) or a fraction (0, 1) of a level."}
-    )
+
+    # A method whose masks need no `sparsity` (IMP's levels, N:M's pattern) sets this to False on its config class.
+    sparsity_required: ClassVar[bool] = True
+
+    def __new__(cls, *args, **kwargs):
+        """`SparsityConfig(method=m, ...)` builds the config class registered for `m`, with its own fields."""
+        method = kwargs.get("method", args[0] if args else None)
+        target = _CONFIG_CLASSES.get(method) if method is not None else None
+        if cls is SparsityConfig and target is not None and target is not cls:
+            cls = target
+        own = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - own)
+        if unknown:
+            owners = {
+                name: m for m, c in sorted(_CONFIG_CLASSES.items()) for name in unknown if name in _field_names(c)
+            }
+            hints = "; ".join(f"{n} belongs to method={m!r}" for n, m in owners.items())
+            raise TypeError(
+                f"SparsityConfig(method={method or cls.method!r}) has no field(s) {unknown}"
+                + (f" ({hints})" if hints else "")
+                + f": its fields are {sorted(own)}."
+            )
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_rates, str):
@@ -125,8 +139,18 @@ class SparsityConfig(PushToHubMixin):
         methods = _known_methods()
         if self.method not in methods:
             raise ValueError(f"SparsityConfig.method={self.method!r} is unknown: choose one of {list(methods)}.")
-        iterative = self.method in ITERATIVE_METHODS
-        if self.sparsity is None and not iterative and self.pattern == "unstructured":
+        own = type(self).method_default()
+        if type(self) is not SparsityConfig and self.method != own:
+            raise ValueError(
+                f"{type(self).__name__} is the config of method={own!r}, got method={self.method!r}: use "
+                f"SparsityConfig(method={self.method!r}, ...)."
+            )
+        if not isinstance(self, _CONFIG_CLASSES.get(self.method, SparsityConfig)):
+            raise ValueError(
+                f"SparsityConfig.method={self.method!r} has its own config class "
+                f"{_CONFIG_CLASSES[self.method].__name__}: build it with SparsityConfig(method={self.method!r}, ...)."
+            )
+        if self.sparsity is None and self.sparsity_required and self.pattern == "unstructured":
             raise ValueError(
                 f"SparsityConfig.sparsity is required for method={self.method!r}: give the fraction of weights to "
                 "zero, e.g. sparsity=0.9."
@@ -148,8 +172,6 @@ class SparsityConfig(PushToHubMixin):
                 f"SparsityConfig.sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which implies "
                 f"{1 - nm[0] / nm[1]}: leave sparsity unset for N:M patterns."
             )
-        if iterative:
-            self._validate_iterative()
         if self.scope not in SCOPES:
             raise ValueError(f"SparsityConfig.scope={self.scope!r} is unknown: choose one of {list(SCOPES)}.")
         for name in ("target_modules", "exclude_modules"):
@@ -171,72 +193,17 @@ class SparsityConfig(PushToHubMixin):
                     )
         if not isinstance(self.seed, int):
             raise ValueError(f"SparsityConfig.seed must be an int, got {self.seed!r}.")
+        self.validate_method()
 
-    def _validate_iterative(self) -> None:
-        if self.pattern != "unstructured":
-            raise ValueError(
-                f"SparsityConfig.pattern={self.pattern!r} is not supported with method='imp': use unstructured."
-            )
-        if (
-            isinstance(self.prune_fraction, bool)
-            or not isinstance(self.prune_fraction, (int, float))
-            or not (0.0 < float(self.prune_fraction) < 1.0)
-        ):
-            raise ValueError(
-                f"SparsityConfig.prune_fraction={self.prune_fraction!r} is outside (0, 1): give the fraction of alive "
-                "weights pruned per level, e.g. 0.2."
-            )
-        if self.levels is not None and (
-            isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1
-        ):
-            raise ValueError(f"SparsityConfig.levels={self.levels!r} must be an integer >= 1.")
-        if self.levels is None and self.sparsity is None:
-            raise ValueError("method='imp' needs SparsityConfig.levels or a target SparsityConfig.sparsity: give one.")
-        if self.levels is not None and self.sparsity is not None and self.levels != self.implied_levels():
-            raise ValueError(
-                f"SparsityConfig.levels={self.levels} and sparsity={self.sparsity} contradict each other: pruning "
-                f"{self.prune_fraction:.0%} per level reaches {self.sparsity} after {self.implied_levels()} levels. "
-                "Give only one of them."
-            )
-        if self.rewind not in REWIND_MODES:
-            raise ValueError(f"SparsityConfig.rewind={self.rewind!r} is unknown: choose one of {list(REWIND_MODES)}.")
-        if self.rewind == "step" and self.rewind_step is None:
-            raise ValueError("SparsityConfig.rewind='step' needs rewind_step: an int step k or a fraction in (0, 1).")
-        if self.rewind_step is not None:
-            k = self.rewind_step
-            if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0 or (k >= 1 and float(k) != int(k)):
-                raise ValueError(
-                    f"SparsityConfig.rewind_step={k!r} must be a whole number of steps >= 0 or a fraction in (0, 1)."
-                )
-            if self.rewind in ("init", "none"):
-                raise ValueError(
-                    f"SparsityConfig.rewind_step is only used with rewind='step' or 'lr', not rewind={self.rewind!r}: "
-                    "drop it or change rewind."
-                )
+    def validate_method(self) -> None:
+        """Checks of a method's own fields: config classes of methods override this (called by `validate`)."""
 
-    def implied_levels(self) -> int:
-        """Levels of `prune_fraction` needed to reach at least `sparsity`."""
-        import math
-
-        if self.sparsity is None or self.sparsity <= 0:
-            return 0
-        return max(1, math.ceil(math.log(1.0 - self.sparsity) / math.log(1.0 - self.prune_fraction) - 1e-9))
-
-    def num_levels(self) -> int:
-        """IMP pruning levels after the dense level 0."""
-        return self.levels if self.levels is not None else self.implied_levels()
-
-    def rewind_step_for(self, total_steps: int) -> int:
-        """`rewind_step` in optimizer steps for a level of `total_steps` steps (0 for rewinding to init)."""
-        if self.rewind_step is None:
-            return 0
-        k = float(self.rewind_step)
-        return int(round(k * total_steps)) if 0 < k < 1 else int(k)
+    @classmethod
+    def method_default(cls) -> str:
+        return next(f.default for f in fields(cls) if f.name == "method")
 
     def max_rate(self) -> float:
-        """The base rate that `layer_rates` factors multiply: sparsity, or the per-level fraction for IMP."""
-        if self.method in ITERATIVE_METHODS:
-            return self.prune_fraction
+        """The base rate that `layer_rates` factors multiply (IMP overrides it with its per-level fraction)."""
         if self.sparsity is None:
             return 0.0
         return self.sparsity
@@ -258,6 +225,8 @@ class SparsityConfig(PushToHubMixin):
         out = {}
         for f in fields(self):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            if f.name == "method":  # a method's config class defaults to its own name: hashes must still differ
+                default = _field_default(SparsityConfig, "method")
             value = getattr(self, f.name)
             if value != default:
                 out[f.name] = value
@@ -277,7 +246,7 @@ class SparsityConfig(PushToHubMixin):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> None:
         """Write `sparsity_config.json` (sorted keys, version stamp) into `save_directory`."""
-        from . import __version__
+        from .version import __version__
 
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory!r} is a file: pass a directory.")
@@ -301,12 +270,24 @@ class SparsityConfig(PushToHubMixin):
 
     @classmethod
     def from_dict(cls, data: dict) -> "SparsityConfig":
-        """Build a config; keys this version does not know are dropped with a warning (forward compatibility)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"hf_tickets_version"})
+        """Build the config of `data["method"]`; unknown keys are dropped with a warning (forward compatibility).
+
+        Keys of another method's config holding that method's default (files of older versions held every field)
+        are dropped silently.
+        """
+        method = data.get("method", cls.method_default())
+        target = _CONFIG_CLASSES.get(method, cls)
+        known = _field_names(target)
+        foreign = {
+            k
+            for k, v in data.items()
+            if k not in known
+            and any(k in _field_names(c) and _field_default(c, k) == v for c in _CONFIG_CLASSES.values())
+        }
+        unknown = sorted(set(data) - known - foreign - {"hf_tickets_version"})
         if unknown:
             logger.warning("Ignoring unknown SparsityConfig keys %s (written by a newer hf_tickets?).", unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return target(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def from_pretrained(
@@ -320,6 +301,15 @@ class SparsityConfig(PushToHubMixin):
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid JSON: re-save it with SparsityConfig.save_pretrained.") from err
         return cls.from_dict(data)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _field_default(cls: type, name: str) -> object:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def _resolve_file(

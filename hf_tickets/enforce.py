@@ -102,9 +102,7 @@ class MaskEnforcer:
     def count_violations(self) -> int:
         """Pruned weights that are not exactly zero (0 while the masks are enforced)."""
         params, _ = self._bound()
-        return int(
-            sum(int((p.detach()[~self.masks[n].to(p.device)] != 0).sum()) for n, p in zip(self.masks, params))
-        )
+        return int(sum(int((p.detach()[~self.masks[n].to(p.device)] != 0).sum()) for n, p in zip(self.masks, params)))
 
 
 def apply_masks_(model: nn.Module, masks: MaskSet) -> nn.Module:

@@ -14,7 +14,6 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-
 MASKS_NAME = "masks.safetensors"
 REPORT_NAME = "sparsity_report.json"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -151,7 +150,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
         """Write `masks.safetensors` (bit-packed) and `sparsity_report.json`, atomically; return the masks path."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from .version import __version__
 
         os.makedirs(save_directory, exist_ok=True)
         packed = {n: pack_bits(m) for n, m in self._masks.items()}

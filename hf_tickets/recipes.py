@@ -22,8 +22,9 @@ import shutil
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
 import yaml
+
+from .lottery.metrics import accuracy  # noqa: F401  (recipes train with it; tests and benchmarks import it here)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -94,14 +95,6 @@ def _coerce_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [_coerce_numbers(v) for v in value]
     return value
-
-
-def accuracy(eval_pred) -> dict[str, float]:
-    """Top-1 accuracy, computed directly (evaluate.load would fetch its script from the Hub)."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
 def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
@@ -308,7 +301,7 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     if trainer.engine == "batched":
         return _run_batched(trainer, recipe, summary)
     trainer.train()
-    if trainer.sparsity_config.method == "imp":
+    if trainer.sparsity_method is not None and trainer.sparsity_method.iterative:
         for kind in recipe.get("controls") or []:
             trainer.train_control(kind, levels=recipe.get("control_levels"))
         if trainer.args.should_save:  # one process writes the report and the ticket (torchrun / accelerate)

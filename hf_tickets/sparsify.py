@@ -1,4 +1,4 @@
-"""`apply_sparsity`: compute a method's masks for a model and zero the pruned weights in place."""
+"""`apply_sparsity`: compute a method's initial masks for a model and zero the pruned weights in place."""
 
 from __future__ import annotations
 
@@ -10,24 +10,40 @@ from .allocation import check_layer_rates
 from .config import SparsityConfig
 from .enforce import apply_masks_
 from .masks import MaskSet
-from .methods import get_method
+from .methods import BatchSource, SparsityMethod, build_method
 from .targets import resolve_targets
 
 MASKS_ATTR = "hf_tickets_masks"
 
 
-def apply_sparsity(model: nn.Module, config: SparsityConfig, masks: Optional[MaskSet] = None) -> MaskSet:
+def initial_masks(model: nn.Module, method: SparsityMethod, batches: BatchSource = None) -> MaskSet:
+    """The masks `method` starts training `model` with (no weight is changed)."""
+    config = method.config
+    targets = resolve_targets(model, config)
+    # Checked here, not only in allocation, so that every method (N:M ones too) rejects a key matching nothing.
+    check_layer_rates(list(targets), config.layer_rates)
+    if not targets:
+        return MaskSet({}, method.mask_metadata())
+    if method.needs_data and batches is None:
+        raise ValueError(
+            f"method={config.method!r} scores weights on training batches: give the trainer a train_dataset (or pass "
+            "batches= to apply_sparsity)."
+        )
+    return method.initial_masks(model, targets, batches)
+
+
+def apply_sparsity(
+    model: nn.Module, config: SparsityConfig, masks: Optional[MaskSet] = None, batches: BatchSource = None
+) -> MaskSet:
     """Sparsify `model` in place and return its `MaskSet`.
 
-    With `masks`, those masks are checked against the model and applied instead of computing new ones. The masks
-    are also attached to the model as `model.hf_tickets_masks` (a plain attribute: state_dict keys do not change),
-    so that `TicketTrainer` picks them up.
+    With `masks`, those masks are checked against the model and applied instead of computing new ones; `batches`
+    (a callable returning an iterable of model inputs) feeds methods that score weights on data. The masks are also
+    attached to the model as `model.hf_tickets_masks` (a plain attribute: state_dict keys do not change), so that
+    `TicketTrainer` picks them up.
     """
     if masks is None:
-        targets = resolve_targets(model, config)
-        # Checked here, not only in allocation, so that every method (N:M ones too) rejects a key matching nothing.
-        check_layer_rates(list(targets), config.layer_rates)
-        masks = get_method(config.method)(config).compute_masks(model, targets)
+        masks = initial_masks(model, build_method(config), batches)
     masks.validate_for(model)
     apply_masks_(model, masks)
     object.__setattr__(model, MASKS_ATTR, masks)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Iterable, Optional, Union
 
 from torch import nn
 
 from .config import SparsityConfig
+
+logger = logging.getLogger(__name__)
 
 try:  # transformers' GPT-2 style linear layer (weight stored transposed)
     from transformers.pytorch_utils import Conv1D
@@ -63,6 +66,13 @@ def resolve_targets(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Pa
             f"{type(model).__name__}: use module names from model.named_modules(), e.g. "
             f"{_example_names(model)}."
         )
+    if not chosen and not explicit and config.exclude_modules is None:
+        # Trainer takes any nn.Module; a model without Linear/Conv weights trains dense, as it would there.
+        logger.warning(
+            "%s has no Linear/Conv weight to prune: it trains dense. Name target_modules to prune other weights.",
+            type(model).__name__,
+        )
+        return {}
     if not chosen:
         raise ValueError(
             f"No prunable weight left in {type(model).__name__} after target_modules={config.target_modules!r} and "

@@ -1,9 +1,9 @@
-"""`TicketTrainer`: a drop-in `transformers.Trainer` that keeps masked weights at exactly zero.
+"""`TicketTrainer`: a drop-in `transformers.Trainer` that trains sparse models with any registered method.
 
-Enforcement is one callback (`SparsityCallback`): gradients of pruned weights are zeroed before the optimizer step
-and pruned weights are re-zeroed after it, both with one foreach call over all masked tensors. It acts once per
-optimizer step (never per micro-step), so gradient accumulation, clipping, AMP and GradScaler-skipped steps all
-see the same rule.
+Built like `Trainer` (no sparsity arguments, or nothing to mask), it *is* `Trainer`: same callbacks, logs, outputs
+and checkpoints. With a `SparsityConfig` it builds the method and one `SparsityCallback` (hooks + enforcement) and
+saves the masks with every checkpoint and model. Iterative methods (IMP) are trained level by level by
+`hf_tickets.lottery`.
 """
 
 from __future__ import annotations
@@ -12,80 +12,40 @@ import logging
 import os
 from typing import Any, Optional
 
-from torch import nn
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from .callbacks import SparsityCallback
 from .cards import write_model_card
-from .config import ITERATIVE_METHODS, SparsityConfig
-from .enforce import MaskEnforcer
+from .config import SparsityConfig
 from .masks import MASKS_NAME, MaskSet
-from .sparsify import MASKS_ATTR, apply_sparsity
+from .methods import SparsityMethod, build_method
+from .sparsify import MASKS_ATTR
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("trainer", "batched")
-
-
-class SparsityCallback(TrainerCallback):
-    """Mask gradients before each optimizer step and weights after it.
-
-    Also usable with a plain `Trainer`: `Trainer(..., callbacks=[SparsityCallback(masks, model)])`. With
-    `TicketTrainer`, gradients are masked even earlier, before gradient clipping, so that the clipping norm is the
-    norm of the sparse network's gradient.
-    """
-
-    def __init__(self, masks: MaskSet, model: Optional[nn.Module] = None) -> None:
-        self.masks = masks
-        self.model = model
-        self._grads_masked = False
-        self._enforcer: Optional[MaskEnforcer] = None
-
-    def enforcer(self, model: nn.Module) -> MaskEnforcer:
-        if self._enforcer is None or self._enforcer.masks is not self.masks or self._enforcer.model is not model:
-            self._enforcer = MaskEnforcer(self.masks, model)
-        return self._enforcer
-
-    def _model(self, kwargs: dict) -> nn.Module:
-        model = self.model if self.model is not None else kwargs.get("model")
-        if model is None:
-            raise ValueError("SparsityCallback needs the model: pass SparsityCallback(masks, model).")
-        return model
-
-    def mask_grads(self, model: Optional[nn.Module] = None) -> None:
-        """Zero pruned gradients once for the current optimizer step."""
-        if not self._grads_masked:
-            self.enforcer(model if model is not None else self._model({})).mask_grads_()
-            self._grads_masked = True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # Weights loaded from a checkpoint or changed by the user since the masks were made are zeroed again.
-        self.enforcer(self._model(kwargs)).mask_weights_()
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.mask_grads(self._model(kwargs))
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        # Momentum and weight decay would move pruned weights off zero; a skipped (inf) fp16 step changes nothing.
-        self.enforcer(self._model(kwargs)).mask_weights_()
-        self._grads_masked = False
+ONE_SHOT_DESCRIPTIONS = ("magnitude", "random")  # methods that describe loaded masks without changing them
 
 
 class TicketTrainer(Trainer):
     """`transformers.Trainer` that trains a sparse model and saves its masks.
 
     Args:
-        sparsity_config: how to prune. Masks are computed when the trainer is built (one-shot methods) and the
-            pruned weights are zeroed in place.
+        sparsity_config: how to prune (any registered method). Masks are computed when the trainer is built, from
+            the model (and, for data-driven methods, batches of the trainer's own train dataloader), and pruned
+            weights are zeroed in place; with `model_init`, they are computed again for every model it builds.
         masks: an existing `MaskSet` (e.g. from `load_masks`) to enforce instead of computing new masks.
-        engine: how `method="imp"` runs. `"trainer"` (default): every level is a `Trainer.train` call, with all of
-            Trainer's features. `"batched"`: levels train in lockstep passes of `BatchedMaskedTraining`, on CUDA
-            replayed from a CUDA graph, for small image networks held as tensors (see
-            `hf_tickets.lottery.experiment`); `train_experiment` then trains trunk, controls and replicates of a
-            level together. It runs no Trainer callbacks, so it refuses user callbacks and custom metrics.
-        *args, **kwargs: every `transformers.Trainer` argument.
+        engine: how an iterative method (`"imp"`) runs. `"trainer"` (default): every level is a `Trainer.train`
+            run, with all of Trainer's features. `"batched"`: levels train in lockstep passes of
+            `BatchedMaskedTraining`, on CUDA replayed from a CUDA graph, for small image networks held as tensors
+            (see `hf_tickets.lottery.experiment`); `train_experiment` then trains trunk, controls and replicates of
+            a level together. It runs no Trainer callbacks, so it refuses user callbacks and custom metrics.
+        *args, **kwargs: every `transformers.Trainer` argument, `model_init` included.
 
-    A model already passed through `apply_sparsity` keeps its masks when neither argument is given.
+    A model already passed through `apply_sparsity` keeps its masks when neither argument is given. Without any of
+    these, or when nothing ends up masked by a method that acts only before training, the trainer is exactly
+    `Trainer`.
     """
 
     def __init__(
@@ -96,75 +56,115 @@ class TicketTrainer(Trainer):
         engine: str = "trainer",
         **kwargs: Any,
     ) -> None:
-        model = kwargs.get("model", args[0] if args else None)
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is unknown: use one of {list(ENGINES)}.")
-        if model is None:
-            raise ValueError("TicketTrainer needs `model` (model_init is not supported): pass the model to sparsify.")
         if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
             raise ValueError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}.")
-        if masks is None and sparsity_config is None and getattr(model, MASKS_ATTR, None) is None:
-            raise ValueError(
-                "TicketTrainer needs sparsity_config=SparsityConfig(...) or masks=load_masks(...) (or a model "
-                "passed through apply_sparsity); without them use transformers.Trainer."
-            )
+        if masks is not None and not isinstance(masks, MaskSet):
+            raise ValueError(f"masks must be a MaskSet (e.g. load_masks(path)), got {type(masks).__name__}.")
+        super().__init__(*args, **kwargs)
         if masks is None and sparsity_config is None:
-            masks = getattr(model, MASKS_ATTR)
-        if sparsity_config is None:
+            masks = getattr(self.model, MASKS_ATTR, None)
+        if sparsity_config is None and masks is not None:
             sparsity_config = _config_from_masks(masks)
-        if engine == "batched" and sparsity_config.method not in ITERATIVE_METHODS:
-            raise ValueError(
-                f"engine='batched' runs IMP experiments (method='imp'), got method={sparsity_config.method!r}: use "
-                "engine='trainer'."
-            )
         self.sparsity_config = sparsity_config
+        self.sparsity_method: Optional[SparsityMethod] = None
+        self.sparsity_callback: Optional[SparsityCallback] = None
         self.engine = engine
         self._user_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None
-        self.masks = apply_sparsity(model, sparsity_config, masks=masks)
-        self.sparsity_callback = SparsityCallback(self.masks, model)
-        super().__init__(*args, **kwargs)
-        self.add_callback(self.sparsity_callback)
+        if sparsity_config is None:
+            if engine != "trainer":
+                raise ValueError(
+                    "engine='batched' runs IMP experiments: pass sparsity_config=SparsityConfig(method='imp', ...)."
+                )
+            return
+        self.sparsity_method = build_method(sparsity_config)
+        if engine == "batched" and not self.sparsity_method.iterative:
+            raise ValueError(
+                f"engine='batched' runs iterative experiments (method='imp'), got method={sparsity_config.method!r}: "
+                "use engine='trainer'."
+            )
+        callback = SparsityCallback(method=self.sparsity_method)
+        batches = self._train_batches if self.train_dataset is not None else None
+        callback.setup(self.model, batches=batches, masks=masks)
+        self._masks_without_callback: Optional[MaskSet] = None
+        if callback.masks.sparsity() > 0 or self.sparsity_method.acts_during_training():
+            self.sparsity_callback = callback
+            self.add_callback(callback)
+        else:  # nothing is masked and nothing will change: this trainer is Trainer
+            self._masks_without_callback = callback.masks
+
+    def _train_batches(self):
+        return iter(self.get_train_dataloader())
+
+    @property
+    def masks(self) -> Optional[MaskSet]:
+        """The masks being enforced (None without a sparsity config)."""
+        if self.sparsity_callback is not None:
+            return self.sparsity_callback.masks
+        return getattr(self, "_masks_without_callback", None)
 
     def set_masks(self, masks: MaskSet) -> None:
-        """Enforce `masks` from now on (zeroes the newly pruned weights at once)."""
-        self._masks_logged = None  # the next log line carries the per-layer sparsity again
-        self.masks = apply_sparsity(self.model, self.sparsity_config, masks=masks)
-        self.sparsity_callback.masks = self.masks
+        """Enforce `masks` from now on (zeroes the newly pruned weights at once and their optimizer state)."""
+        if self.sparsity_callback is None:
+            raise ValueError("this TicketTrainer has no sparsity method: build it with sparsity_config= or masks=.")
+        self.sparsity_callback.set_masks(masks, self.optimizer)
 
     # ---- training loop hooks ----------------------------------------------------------------------------------
 
-    def _clip_grad_norm(self, model):
-        # Mask first, so clipping scales by the norm of the gradient the sparse network actually uses.
-        self.sparsity_callback.mask_grads(self.model)
-        return super()._clip_grad_norm(model)
+    def training_step(self, model, inputs, *args: Any, **kwargs: Any):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # After the last micro-step's backward (Trainer sets sync_gradients for it), before clipping: the method
+        # sees dense gradients, then the pruned ones are zeroed, so clipping uses the sparse network's norm.
+        if self.sparsity_callback is not None and self.accelerator.sync_gradients:
+            self.sparsity_callback.dense_grads_ready(self.model, self.state.global_step + 1)
+        return loss
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        # Without clipping, Trainer still measures the norm: make it the sparse network's too.
-        if grad_norm is None:
-            self.sparsity_callback.mask_grads(self.model)
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any) -> TrainOutput:
+        """Train; an iterative method trains every level (see `hf_tickets.lottery`).
 
-    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
-        """Train; with method="imp", run every IMP level (see `hf_tickets.lottery`).
-
-        For IMP, `resume_from_checkpoint` is implied: finished levels in `output_dir` are skipped and an
-        interrupted level resumes from its last checkpoint (with engine="batched": is trained again). IMP returns
-        the metrics of the last level it trained.
+        For an iterative method, `resume_from_checkpoint` is implied: finished levels in `output_dir` are skipped
+        and an interrupted level resumes from its last checkpoint (with engine="batched": is trained again). Its
+        `TrainOutput.metrics` hold the last trained level's summary.
         """
-        if self.engine == "batched":  # like IMPRunner: the last trained trunk level's metrics (None if all were done)
-            metrics = self.train_experiment()
-            return metrics[0] if metrics else None
-        if self.sparsity_config.method in ITERATIVE_METHODS:
+        if self.sparsity_method is None or not self.sparsity_method.iterative:
+            return self.train_once(resume_from_checkpoint, *args, **kwargs)
+        if self.engine == "batched":
+            trained = self.train_experiment()
+            metrics = dict(trained[0]) if trained else {}
+        else:
             from .lottery import IMPRunner
 
-            return IMPRunner(self).run()
+            metrics = dict(IMPRunner(self).run() or {})
+        return TrainOutput(self.state.global_step, float(metrics.get("train_loss", 0.0)), metrics)
+
+    def train_once(
+        self, resume_from_checkpoint=None, *args: Any, restore_masks: bool = True, **kwargs: Any
+    ) -> TrainOutput:
+        """One `Trainer.train` run (what `train()` is for a non-iterative method; the lottery runner calls it once
+        per level). With `restore_masks`, masks saved in the checkpoint resumed from replace the current ones; the
+        runner turns it off to resume a level's rewind point (a level-0 checkpoint) under the level's own masks."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(os.path.join(checkpoint, MASKS_NAME)):
+        if (
+            restore_masks
+            and self.sparsity_callback is not None
+            and isinstance(checkpoint, (str, os.PathLike))
+            and os.path.isfile(os.path.join(checkpoint, MASKS_NAME))
+        ):
             logger.info("Restoring masks from %s", checkpoint)
             self.set_masks(MaskSet.load(checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        # With restore_callback_states_from_checkpoint=True, Trainer rebuilds stateful callbacks from their stored
+        # args; ours holds the method and masks, so it is kept and restores itself at train begin.
+        ours = self.sparsity_callback
+        super()._load_callback_state()
+        if ours is not None and ours not in self.callback_handler.callbacks:
+            self.callback_handler.remove_callback(SparsityCallback)
+            self.callback_handler.add_callback(ours)
 
     def train_control(self, kind: str, trunk_dir: Optional[str] = None, levels: Optional[list[int]] = None) -> str:
         """Run an LTH control next to a finished IMP trunk; returns the control's folder.
@@ -215,7 +215,7 @@ class TicketTrainer(Trainer):
 
     def _load_last_trunk_level(self, root: str) -> None:
         """After a batched run the trainer holds the last trunk level's weights and masks, as after `train()`."""
-        from .lottery.controls import trunk_levels
+        from .lottery.layout import trunk_levels
         from .lottery.levels import level_dir
         from .lottery.lockstep import load_weights_
 
@@ -236,54 +236,46 @@ class TicketTrainer(Trainer):
         Per-layer values only change with the masks, so repeating ~one key per layer on every line would only
         bury the loss in the console and in `report_to` backends.
         """
-        logs = dict(logs)
-        logs["sparsity"] = round(self.masks.sparsity(), 6)
-        if getattr(self, "_masks_logged", None) is not self.masks:
-            for name, value in self.masks.layer_sparsity().items():
-                logs[f"sparsity/{name}"] = round(value, 6)
-            self._masks_logged = self.masks
+        if self.sparsity_callback is not None:
+            logs = {**logs, **self.sparsity_callback.log_entries()}
         super().log(logs, *args, **kwargs)
 
     # ---- saving -----------------------------------------------------------------------------------------------
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.masks.save(output_dir)
-        self.sparsity_config.save_pretrained(output_dir)
+        if self.sparsity_callback is not None:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            self.masks.save(output_dir)
+            self.sparsity_config.save_pretrained(output_dir)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)
-        if not _internal_call and self.args.should_save:
-            write_model_card(
-                output_dir if output_dir is not None else self.args.output_dir,
-                masks=self.masks,
-                config=self.sparsity_config,
-                model=self.model,
-                metrics=_last_eval_metrics(self.state.log_history),
-            )
+        if self.sparsity_callback is not None and not _internal_call and self.args.should_save:
+            self._write_card(output_dir if output_dir is not None else self.args.output_dir)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # Trainer rewrites README.md before push_to_hub; put the sparsity section back into its card.
         super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero():
-            write_model_card(
-                self.args.output_dir,
-                masks=self.masks,
-                config=self.sparsity_config,
-                model=self.model,
-                metrics=_last_eval_metrics(self.state.log_history),
-            )
+        if self.sparsity_callback is not None and self.is_world_process_zero():
+            self._write_card(self.args.output_dir)
+
+    def _write_card(self, folder: str) -> None:
+        write_model_card(
+            folder,
+            masks=self.masks,
+            config=self.sparsity_config,
+            model=self.model,
+            metrics=_last_eval_metrics(self.state.log_history),
+        )
 
 
 def _config_from_masks(masks: MaskSet) -> SparsityConfig:
     """A config describing masks that came without one (loaded from a file)."""
-    from .methods import available_methods
-
     meta = masks.metadata
+    # Loaded masks are enforced as they are: describe them as one-shot, never restart a method that changes masks.
     method = str(meta.get("method", "magnitude"))
-    # Loaded masks are enforced as they are: describe them as one-shot, never restart an iterative run.
-    if method not in available_methods() or method in ITERATIVE_METHODS:
+    if method not in ONE_SHOT_DESCRIPTIONS:
         method = "magnitude"
     try:
         return SparsityConfig(

@@ -23,6 +23,7 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+
 from hf_tickets.enforce import count_violations
 
 # Keep the suite quiet and offline: nothing here may reach the Hub.
@@ -221,6 +222,11 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     }
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def count_violations_of(trainer) -> int:
+    """Pruned weights of a TicketTrainer's model that are not exactly zero."""
+    return count_violations(trainer.model, trainer.masks)
 
 
 class ViolationCounter(TrainerCallback):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import make_cnn
 
-from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet
 from hf_tickets.allocation import random_masks_like
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets.lottery.batched import BatchedMaskedTraining, cross_entropy
 from hf_tickets.models import build_model
 

@@ -11,9 +11,9 @@ from conftest import MODEL_BUILDERS, TinyCNN, ViolationCounter, make_dataset, tr
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, GPT2LMHeadModel
 
-from hf_tickets.enforce import count_violations
 from hf_tickets import SparsityConfig, TicketTrainer, load_masks
 from hf_tickets.config import CONFIG_NAME
+from hf_tickets.enforce import count_violations
 from hf_tickets.masks import MASKS_NAME, REPORT_NAME
 
 STOCK_LOADERS = {

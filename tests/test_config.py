@@ -52,7 +52,7 @@ def test_to_dict_is_asdict(kwargs):
     cfg = SparsityConfig(**kwargs)
     d = cfg.to_dict()
     assert d == dataclasses.asdict(cfg)
-    assert set(d) == {f.name for f in dataclasses.fields(SparsityConfig)}
+    assert set(d) == {f.name for f in dataclasses.fields(type(cfg))}
     json.dumps(d)  # JSON-serialisable as is
 
 

@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer
 from hf_tickets.allocation import random_masks_like
 from hf_tickets.data import TensorImageDataset, load_splits
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets.lottery import experiment as experiment_module
 from hf_tickets.lottery.batched import BatchedMaskedTraining
 from hf_tickets.lottery.controls import REINIT_SEED_OFFSET, fresh_init_weights

@@ -12,8 +12,8 @@ from conftest import make_bert, make_cnn
 from safetensors import safe_open
 from torch import nn
 
-from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet, SparsityConfig, __version__, apply_sparsity, load_masks
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets.masks import MASKS_NAME, REPORT_NAME, pack_bits, unpack_bits
 
 

@@ -80,7 +80,7 @@ def test_compute_masks_is_pure():
     model = make_bert()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = SparsityConfig(sparsity=0.6)
-    masks = get_method("magnitude")(cfg).compute_masks(model, resolve_targets(model, cfg))
+    masks = get_method("magnitude")(cfg).initial_masks(model, resolve_targets(model, cfg), None)
     assert masks.sparsity() == pytest.approx(0.6, abs=1e-4)
     assert all(torch.equal(dense[n], p) for n, p in model.named_parameters())
 
@@ -254,7 +254,7 @@ def test_registry():
         pass
 
     with pytest.raises(ValueError, match="already registered"):
-        register_method("magnitude", Other)
+        register_method("magnitude", SparsityConfig, Other)
     with pytest.raises(ValueError, match="method"):
         get_method("nope")
 

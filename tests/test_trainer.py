@@ -18,8 +18,8 @@ from conftest import (
 )
 from transformers import Trainer, TrainerCallback
 
-from hf_tickets.enforce import MaskEnforcer, count_violations
 from hf_tickets import MaskSet, SparsityCallback, SparsityConfig, TicketTrainer, apply_sparsity
+from hf_tickets.enforce import MaskEnforcer, count_violations
 
 # The stress setup of the issue: >= 200 optimizer steps, gradient accumulation, AdamW with weight decay and a learning
 # rate high enough that every kept weight moves. Without enforcement this produces violations at the first step.
@@ -94,11 +94,12 @@ def test_same_setup_without_enforcement_has_violations(kind, tmp_path):
 
 
 @pytest.mark.parametrize("enforce_weights", [True, False])
-def test_masks_changed_mid_training_stay_zero_despite_momentum(enforce_weights, tmp_path):
-    """Re-masking the *weights* after each step matters once weights with optimizer momentum get pruned.
+def test_masks_changed_mid_training_stay_zero_despite_momentum(enforce_weights, tmp_path, monkeypatch):
+    """Re-masking the weights and zeroing optimizer state matter once weights with optimizer momentum get pruned.
 
     At step 10 the masks are replaced by stricter ones; Adam's moments of the newly pruned weights are not zero, so
-    masking gradients alone would move them off zero. The control (`enforce_weights=False`) shows that it does.
+    masking gradients alone would move them off zero. The control (`enforce_weights=False`: no weight re-masking
+    after steps, no optimizer-state zeroing) shows that it does.
     """
     model = make_bert()
     trainer = TicketTrainer(
@@ -109,6 +110,7 @@ def test_masks_changed_mid_training_stay_zero_despite_momentum(enforce_weights, 
     )
     if not enforce_weights:
         trainer.sparsity_callback.on_optimizer_step = lambda *args, **kwargs: None
+        monkeypatch.setattr(MaskEnforcer, "zero_optimizer_state_", lambda self, optimizer: None)
 
     class Prune(TrainerCallback):
         def __init__(self):
@@ -277,16 +279,20 @@ def test_sparsity_is_logged(tmp_path):
 
 
 class _GradRecordingTrainer(TicketTrainer):
-    """Keeps a copy of the gradients each training_step leaves (accumulation 1: the step's full, unmasked grads)."""
+    """Keeps a copy of the dense gradients of each step (what a method's on_dense_grads hook sees)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.raw_grads = []
+        original = self.sparsity_callback.dense_grads_ready
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.raw_grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return loss
+        def record(model, step):
+            self.raw_grads.append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
+            original(model, step)
+
+        self.sparsity_callback.dense_grads_ready = record
 
 
 def _norms(raw_grads, masks):

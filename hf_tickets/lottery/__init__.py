@@ -1,7 +1,8 @@
 """Lottery-ticket experiments: the IMP level loop, its controls, and the run report."""
 
 from .batched import BatchedMaskedTraining
-from .controls import CONTROL_KINDS, run_control
+from .controls import run_control
+from .layout import CONTROL_KINDS
 from .report import write_report
 from .runner import IMPRunner
 

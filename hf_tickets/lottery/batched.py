@@ -15,8 +15,8 @@ How a step works (`BatchedMaskedTraining.step`):
    costs less host time than `vmap(grad(...))`);
 2. the K x (all parameters) gradients are concatenated into one flat tensor laid out like the flat parameter
    buffer, so the optimizer is a handful of whole-buffer tensor ops, never a Python loop over networks or layers;
-3. pruned gradients are zeroed before the update and pruned weights after it (`enforce.zero_pruned_flat_` with the stacked
-   masks), the rule `TicketTrainer` enforces for one network;
+3. pruned gradients are zeroed before the update and pruned weights after it (`enforce.zero_pruned_flat_` with the
+   stacked masks), the rule `TicketTrainer` enforces for one network;
 4. SGD (momentum, Nesterov, weight decay) or Adam/AdamW with the step count and the learning rate held as device
    tensors.
 

@@ -16,26 +16,13 @@ from safetensors.torch import save_model
 from ..allocation import random_masks_like
 from ..config import SparsityConfig
 from ..masks import MaskSet
+from .layout import CONTROL_KINDS, control_dir, trunk_levels
 from .levels import INIT_WEIGHTS_NAME, REWIND_DIR, LevelStart, is_complete, level_dir, train_level
 
 if TYPE_CHECKING:
     from ..trainer import TicketTrainer
 
-CONTROL_KINDS = ("reinit", "random_prune")
 REINIT_SEED_OFFSET = 1_000_003  # the reinit control's seed is the trunk's seed plus this: "another seed"
-
-
-def control_dir(trunk_dir: str, kind: str) -> str:
-    return os.path.normpath(trunk_dir) + f".{kind}"
-
-
-def trunk_levels(trunk_dir: str) -> list[int]:
-    """Finished pruned levels (>= 1) of a trunk."""
-    found = []
-    for name in os.listdir(trunk_dir):
-        if name.startswith("level_") and name[6:].isdigit() and is_complete(os.path.join(trunk_dir, name)):
-            found.append(int(name[6:]))
-    return sorted(level for level in found if level >= 1)
 
 
 def fresh_init_weights(model: torch.nn.Module, seed: int, path: str) -> str:

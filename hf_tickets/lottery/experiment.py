@@ -40,8 +40,9 @@ from ..allocation import random_masks_like
 from ..cards import write_model_card
 from ..config import SparsityConfig
 from ..masks import MaskSet
-from ..methods import get_method
-from .controls import CONTROL_KINDS, REINIT_SEED_OFFSET, control_dir, fresh_init_weights
+from ..methods import build_method
+from .controls import REINIT_SEED_OFFSET, fresh_init_weights
+from .layout import CONTROL_KINDS, control_dir
 from .levels import INIT_WEIGHTS_NAME, _finish_level, is_complete, level_dir, save_init_weights
 from .lockstep import (
     ArmStart,
@@ -84,8 +85,9 @@ class LockstepExperiment:
         decay_names: Optional[set] = None,
         device: Optional[torch.device] = None,
     ) -> None:
-        if config.method != "imp":
-            raise ValueError(f"the batched engine runs method='imp' experiments, got method={config.method!r}.")
+        self.method = build_method(config)
+        if not self.method.iterative:
+            raise ValueError(f"the batched engine runs iterative (IMP) experiments, got method={config.method!r}.")
         if config.rewind not in ("init", "step"):
             raise ValueError(
                 f"SparsityConfig.rewind={config.rewind!r} is not supported by the batched engine: use 'init' or "
@@ -107,10 +109,9 @@ class LockstepExperiment:
                 f"SparsityConfig.rewind_step={config.rewind_step} is step {self.k}, at or past the end of training "
                 f"({self.plan.total_steps} steps per level): choose a step below it or a fraction such as 0.05."
             )
-        self.method = get_method("imp")(config)
         from ..targets import resolve_targets
 
-        self.level0_masks = self.method.compute_masks(model, resolve_targets(model, config))
+        self.level0_masks = self.method.initial_masks(model, resolve_targets(model, config), None)
         self.template = _cpu_copy(model)
         self.root = args.output_dir
         self.last_pass: dict[str, Any] = {}
@@ -180,7 +181,7 @@ class LockstepExperiment:
         """Control `kind` for finished trunk levels, all levels in one pass; returns the control folder (of
         replicate 0)."""
         _check_controls((kind,))
-        from .controls import trunk_levels
+        from .layout import trunk_levels
 
         for r in range(self.replicates):
             root = self.replicate_root(r)
@@ -211,7 +212,7 @@ class LockstepExperiment:
             weights = load_file(os.path.join(level_dir(self.replicate_root(r), level - 1), "model.safetensors"))
         model = _cpu_copy(self.template)
         load_weights_(model, weights)
-        return self.method.prune(model, current, level)
+        return self.method.next_level_masks(model, current, level)
 
     def _train_jobs(self, jobs: list, masks_of) -> list[dict]:
         """Build the arms of `jobs` ((kind, replicate, folder)), train them in one pass, write their folders."""
@@ -430,8 +431,8 @@ def _check_trainer(trainer) -> None:
     """Refuse what the batched engine would silently drop: user callbacks and other metrics."""
     from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 
-    from ..recipes import accuracy
-    from ..trainer import SparsityCallback
+    from ..callbacks import SparsityCallback
+    from .metrics import accuracy
 
     builtin = (DefaultFlowCallback, PrinterCallback, ProgressCallback, SparsityCallback)
     extra = [type(cb).__name__ for cb in trainer.callback_handler.callbacks if not isinstance(cb, builtin)]
@@ -443,7 +444,7 @@ def _check_trainer(trainer) -> None:
     if trainer.compute_metrics not in (None, accuracy):
         raise ValueError(
             "engine='batched' computes loss and accuracy itself and cannot call a custom compute_metrics: pass "
-            "compute_metrics=None (or hf_tickets.recipes.accuracy) or use engine='trainer'."
+            "compute_metrics=None (or hf_tickets.lottery.metrics.accuracy) or use engine='trainer'."
         )
     if getattr(trainer, "_user_optimizer", False):
         raise ValueError(

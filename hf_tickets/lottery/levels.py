@@ -17,7 +17,6 @@ from safetensors.torch import load_model, save_model
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, set_seed
 
-from ..enforce import MaskEnforcer
 from ..masks import MaskSet
 
 if TYPE_CHECKING:
@@ -69,9 +68,7 @@ class LevelStartCallback(TrainerCallback):
         model = self.trainer.model
         if self.weights_file is not None:
             load_model(model, self.weights_file, strict=True, device=str(next(model.parameters()).device))
-        enforcer = MaskEnforcer(self.trainer.masks, model)
-        enforcer.mask_weights_()
-        enforcer.zero_optimizer_state_(kwargs.get("optimizer") or self.trainer.optimizer)
+        self.trainer.sparsity_callback.enforce_now(kwargs.get("optimizer") or self.trainer.optimizer)
         self.loaded_log_entries = len(state.log_history)
         for hook in self.on_start:
             hook()
@@ -136,7 +133,7 @@ def train_level(
         for cb in callbacks:
             trainer.add_callback(cb)
         trainer.optimizer, trainer.lr_scheduler = None, None  # fresh, or restored from `resume`
-        output = Trainer.train(trainer, resume_from_checkpoint=resume)
+        output = trainer.train_once(resume_from_checkpoint=resume, restore_masks=False)  # masks: this level's
         trainer.save_model(partial)
         entries = trainer.state.log_history[hook.loaded_log_entries :]
         metrics = level_metrics(trainer, masks, entries, output.training_loss)

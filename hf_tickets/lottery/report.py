@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
-from .controls import CONTROL_KINDS, control_dir
+from .layout import CONTROL_KINDS, control_dir
 from .levels import METRICS_NAME
 
 REPORT_NAME = "imp_report.json"

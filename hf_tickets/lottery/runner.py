@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from safetensors.torch import load_model
 
 from ..masks import MaskSet
-from ..methods import get_method
 from .levels import REWIND_DIR, LevelStart, RewindCapture, is_complete, level_dir, save_init_weights, train_level
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ class IMPRunner:
         self.trainer = trainer
         self.config = trainer.sparsity_config
         self.root = trainer.args.output_dir
-        self.method = get_method("imp")(self.config)
+        self.method = trainer.sparsity_method
 
     def rewind_step(self) -> int:
         """k in optimizer steps; raises before any training when it cannot be reached."""
@@ -60,13 +59,13 @@ class IMPRunner:
     def validate(self) -> None:
         if self.trainer.args.load_best_model_at_end:
             raise ValueError(
-                "TrainingArguments.load_best_model_at_end is not supported with method='imp': each level must end "
-                "with its last weights (the early-stop step is recorded in metrics.json instead)."
+                "TrainingArguments.load_best_model_at_end is not supported with an iterative method: each level must "
+                "end with its last weights (the early-stop step is recorded in metrics.json instead)."
             )
         if getattr(self.trainer, "_user_optimizer", False):
             raise ValueError(
-                "method='imp' re-creates the optimizer at every level: pass no `optimizers=` to TicketTrainer (use "
-                "TrainingArguments.optim) so that rewinding can restore optimizer state."
+                "an iterative method re-creates the optimizer at every level: pass no `optimizers=` to TicketTrainer "
+                "(use TrainingArguments.optim) so that rewinding can restore optimizer state."
             )
         self.rewind_step()
 
@@ -109,7 +108,7 @@ class IMPRunner:
         load_model(
             model, os.path.join(final, "model.safetensors"), strict=False, device=str(next(model.parameters()).device)
         )
-        return self.method.prune(model, current, level + 1)
+        return self.method.next_level_masks(model, current, level + 1)
 
     def _start(self, level: int, k: int, init_file: str, rewind_dir: str) -> tuple[LevelStart, tuple]:
         cfg = self.config

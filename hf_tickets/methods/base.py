@@ -1,47 +1,130 @@
-"""The method interface and its registry (a plain dict, like peft's and open_lth's)."""
+"""The method interface and its registry: one file per method, registered with one call (like peft's
+`register_peft_method`).
+
+A method decides masks; it never writes zeros (that is `hf_tickets.enforce`, the one enforcement path). The
+`SparsityCallback` calls its hooks at Trainer events, in this order within one optimizer step:
+
+    backward of the last micro-step -> on_dense_grads (gradients still dense) -> enforce: mask gradients -> clip
+    -> optimizer.step -> after_optimizer_step (may return new masks) -> enforce: re-mask weights
+       (+ zero optimizer state of pruned entries when the masks changed)
+
+Iterative methods (`iterative = True`) are trained level by level by `hf_tickets.lottery`; `next_level_masks` is
+called between levels.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional
 
 from torch import nn
 
+from ..config import SparsityConfig, register_config_class
+
 if TYPE_CHECKING:
-    from ..config import SparsityConfig
     from ..masks import MaskSet
+
+# A fresh iterator over training batches (dicts of tensors on the model's device), from the trainer's own train
+# dataloader; None when the trainer has no training data.
+BatchSource = Optional[Callable[[], Iterable[dict]]]
 
 _REGISTRY: dict[str, type["SparsityMethod"]] = {}
 
 
 class SparsityMethod:
-    """What a method does, and when. Subclasses compute masks from a model; training-time methods add hooks.
+    """Base class of every sparsity method. Override `initial_masks`; training-time methods override the hooks.
 
-    Methods are pure with respect to the model: `compute_masks` reads weights (or gradients) and returns a new
-    `MaskSet`; zeroing and enforcement are done by one shared path (`MaskSet.apply_` / the trainer callback).
+    Class attributes:
+        config_class: the method's config (`SparsityConfig` or a subclass holding the method's own fields and their
+            validation in `validate_method`).
+        iterative: trained level by level (train, `next_level_masks`, rewind, train again) by `hf_tickets.lottery`.
+        needs_data: `initial_masks` reads training batches (SNIP, GraSP): it gets `batches` from the trainer.
     """
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type[SparsityConfig]] = SparsityConfig
+    iterative: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False
 
-    def __init__(self, config: "SparsityConfig") -> None:
+    def __init__(self, config: SparsityConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise ValueError(
+                f"method {self.name!r} needs a {self.config_class.__name__}, got {type(config).__name__}: build it "
+                f"with SparsityConfig(method={self.name!r}, ...)."
+            )
         self.config = config
 
-    def compute_masks(self, model: nn.Module, targets: dict[str, nn.Parameter]) -> "MaskSet":
-        raise NotImplementedError
+    # ---- hooks -----------------------------------------------------------------------------------------------
+
+    def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> "MaskSet":
+        """The masks training starts with. `targets` are the prunable parameters (name -> parameter)."""
+        raise NotImplementedError(f"sparsity method {self.name!r} must implement initial_masks")
+
+    def on_dense_grads(self, model: nn.Module, masks: "MaskSet", step: int) -> None:
+        """After the last micro-step's backward of optimizer step `step` (1-based), before gradients are masked
+        and clipped: `p.grad` still holds the dense gradient (RigL grows connections from it)."""
+
+    def after_optimizer_step(self, model: nn.Module, masks: "MaskSet", step: int) -> Optional["MaskSet"]:
+        """After optimizer step `step` (1-based; not called for a step the AMP GradScaler skipped). Return new
+        masks to change them (the enforcement path zeroes newly pruned weights and their optimizer state), or
+        None to keep them."""
+        return None
+
+    def next_level_masks(self, model: nn.Module, masks: "MaskSet", level: int) -> "MaskSet":
+        """Iterative methods: the masks of `level`, from the model trained at `level - 1` under `masks`."""
+        raise NotImplementedError(f"sparsity method {self.name!r} is not iterative")
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (counters, RNG) saved in every Trainer checkpoint; masks are saved apart."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (on resume from a checkpoint)."""
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+
+    def acts_during_training(self) -> bool:
+        """True when a training-time hook is overridden: the callback must run even while nothing is pruned."""
+        cls = type(self)
+        return (
+            self.iterative
+            or cls.on_dense_grads is not SparsityMethod.on_dense_grads
+            or cls.after_optimizer_step is not SparsityMethod.after_optimizer_step
+        )
+
+    def mask_metadata(self, **extra: object) -> dict[str, object]:
+        """What is stored with the masks: the method and the config fields that shaped them."""
+        cfg = self.config
+        return {"method": self.name, "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed, **extra}
 
 
-def register_method(name: str, cls: type[SparsityMethod]) -> type[SparsityMethod]:
-    """Register `cls` under `name`; a name can be registered once."""
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"sparsity method {name!r} is already registered by {_REGISTRY[name].__name__}")
-    _REGISTRY[name] = cls
-    cls.name = name
-    return cls
+def register_method(
+    name: str, config_cls: type[SparsityConfig], method_cls: type[SparsityMethod]
+) -> type[SparsityMethod]:
+    """Register a method: `SparsityConfig(method=name, ...)` then builds `config_cls` and trains with `method_cls`.
+
+    A name can be registered once (re-registering the same classes is a no-op, so a module may be re-imported).
+    """
+    if not (isinstance(method_cls, type) and issubclass(method_cls, SparsityMethod)):
+        raise TypeError(f"method class for {name!r} must subclass SparsityMethod, got {method_cls!r}.")
+    previous = _REGISTRY.get(name)
+    if previous is not None and (previous is not method_cls or previous.config_class is not config_cls):
+        raise ValueError(f"sparsity method {name!r} is already registered by {previous.__name__}")
+    register_config_class(name, config_cls)
+    method_cls.name = name
+    method_cls.config_class = config_cls
+    _REGISTRY[name] = method_cls
+    return method_cls
 
 
 def get_method(name: str) -> type[SparsityMethod]:
     if name not in _REGISTRY:
         raise ValueError(f"SparsityConfig.method={name!r} is unknown: choose one of {available_methods()}.")
     return _REGISTRY[name]
+
+
+def build_method(config: SparsityConfig) -> SparsityMethod:
+    """The method object for `config` (one per trainer: it holds the method's state)."""
+    return get_method(config.method)(config)
 
 
 def available_methods() -> tuple[str, ...]:

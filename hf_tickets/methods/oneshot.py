@@ -1,28 +1,31 @@
-"""One-shot pruning: magnitude (keep the largest |w|) and seeded random masks."""
+"""One-shot pruning: magnitude (keep the largest |w|) and seeded random masks, unstructured or N:M."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..allocation import masks_from_scores, nm_masks
+from ..config import SparsityConfig
 from ..masks import MaskSet
 from ..scoring import magnitude_scores, random_scores
 from ..targets import input_dims
-from .base import SparsityMethod, register_method
+from .base import BatchSource, SparsityMethod, register_method
 
 
 class _OneShot(SparsityMethod):
+    """Masks chosen once from scores, before training; training only keeps them."""
+
     def scores(self, targets: dict[str, nn.Parameter]):
         raise NotImplementedError
 
-    def compute_masks(self, model: nn.Module, targets: dict[str, nn.Parameter]) -> MaskSet:
+    def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
         scores = self.scores(targets)
         if cfg.nm is not None:
             masks = nm_masks(scores, *cfg.nm, input_dims=input_dims(model, targets))
         else:
             masks = masks_from_scores(scores, cfg.sparsity, scope=cfg.scope, layer_rates=cfg.layer_rates)
-        return MaskSet(masks, {"method": cfg.method, "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed})
+        return MaskSet(masks, self.mask_metadata())
 
 
 class MagnitudePruning(_OneShot):
@@ -39,5 +42,5 @@ class RandomPruning(_OneShot):
         return random_scores(targets, self.config.seed)
 
 
-register_method("magnitude", MagnitudePruning)
-register_method("random", RandomPruning)
+register_method("magnitude", SparsityConfig, MagnitudePruning)
+register_method("random", SparsityConfig, RandomPruning)
