@@ -197,3 +197,27 @@ def test_hf_argument_parser_parses_the_config():
         ["--method", "random", "--sparsity", "0.9", "--layer_rates", '{"classifier": 0.5}'], look_for_args_file=False
     )
     assert cfg.method == "random" and cfg.sparsity == 0.9 and cfg.layer_rates == {"classifier": 0.5}
+
+
+def test_hf_argument_parser_parses_a_methods_own_config():
+    from transformers import HfArgumentParser
+
+    from hf_tickets import IMPConfig
+
+    (cfg,) = HfArgumentParser((IMPConfig,)).parse_args_into_dataclasses(
+        ["--levels", "3", "--rewind", "step", "--rewind_step", "0.05"], look_for_args_file=False
+    )
+    assert isinstance(cfg, IMPConfig) and cfg.method == "imp" and cfg.levels == 3 and cfg.rewind_step == 0.05
+    (built,) = HfArgumentParser((SparsityConfig,)).parse_args_into_dataclasses(
+        ["--method", "imp", "--sparsity", "0.5"], look_for_args_file=False
+    )
+    assert isinstance(built, IMPConfig) and built.num_levels() == 4
+
+
+def test_config_of_one_method_rejects_another_method():
+    from hf_tickets import IMPConfig
+
+    with pytest.raises(ValueError, match="config of method='imp'"):
+        IMPConfig(method="magnitude", sparsity=0.5)
+    loaded = SparsityConfig.from_dict({"method": "imp", "levels": 2, "rewind": "init"})
+    assert isinstance(loaded, IMPConfig) and loaded.levels == 2
