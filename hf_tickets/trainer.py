@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import torch
 
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
@@ -94,8 +96,12 @@ class TicketTrainer(Trainer):
         else:  # nothing is masked and nothing will change: this trainer is Trainer
             self._masks_without_callback = callback.masks
 
-    def _train_batches(self):
-        return iter(self.get_train_dataloader())
+    def _train_batches(self) -> Iterator[dict]:
+        """Batches of the trainer's own train dataloader, for methods that score weights on data. Reading them
+        must not shift training: the RNG states are restored when the method stops reading."""
+        loader = self.get_train_dataloader()
+        with torch.random.fork_rng():
+            yield from loader
 
     @property
     def masks(self) -> Optional[MaskSet]:

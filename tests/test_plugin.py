@@ -109,3 +109,14 @@ def test_restore_callback_states_keeps_the_methods_callback(tmp_path):
     assert callback in resumed.callback_handler.callbacks
     assert resumed.sparsity_method.steps_seen == 4
     assert count_violations_of(resumed) == 0
+
+
+def test_reading_batches_for_initial_masks_does_not_shift_training(tmp_path):
+    """A data-driven method reads batches when the trainer is built; training must see the same data order."""
+    with_data = _trainer(tmp_path / "a", max_steps=3)
+    with_data.sparsity_method.batches_seen = 0
+    before = torch.random.get_rng_state()
+    batches = with_data._train_batches()
+    next(batches)
+    batches.close()
+    assert torch.equal(torch.random.get_rng_state(), before)
