@@ -13,7 +13,6 @@ import os
 from typing import Any, Iterator, Optional
 
 import torch
-
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
