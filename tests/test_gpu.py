@@ -47,15 +47,15 @@ def enforcement_path(request, monkeypatch):
     return request.param
 
 
-def _kernel_in_use(masks):
-    bound = getattr(masks, "_bound", None)
-    return bool(bound and len(bound) > 3 and getattr(bound[3], "enabled", False))
+def _kernel_in_use(trainer):
+    _, masker = trainer.sparsity_callback.enforcer()._bound()
+    return bool(masker.enabled)
 
 
-def _check_path(masks, path):
+def _check_path(trainer, path):
     from hf_tickets.kernels import _HAS_TRITON
 
-    assert _kernel_in_use(masks) == (path == "triton" and _HAS_TRITON)
+    assert _kernel_in_use(trainer) == (path == "triton" and _HAS_TRITON)
 
 
 def _nonfinite(model):
@@ -86,7 +86,7 @@ def test_bf16_autocast_keeps_masked_weights_zero(kind, tmp_path, enforcement_pat
     assert len(counter.per_step) == 200 and counter.total == 0
     assert trainer.masks == masks_before
     assert _nonfinite(model) == 0
-    _check_path(trainer.masks, enforcement_path)
+    _check_path(trainer, enforcement_path)
 
 
 def test_bf16_weights_keep_masked_weights_zero(tmp_path, enforcement_path):
@@ -103,7 +103,7 @@ def test_bf16_weights_keep_masked_weights_zero(tmp_path, enforcement_path):
     trainer.train()
     assert next(model.parameters()).dtype == torch.bfloat16
     assert len(counter.per_step) == 50 and counter.total == 0
-    _check_path(trainer.masks, enforcement_path)
+    _check_path(trainer, enforcement_path)
 
 
 # ---- fp16 with GradScaler, one step forced to overflow ------------------------------------------------------------
@@ -174,4 +174,4 @@ def test_fp16_grad_scaler_skipped_step_changes_nothing(tmp_path, enforcement_pat
     assert trainer.masks is masks and masks == masks_before
     assert counter.per_step == [0] * 20
     assert _nonfinite(model) == 0
-    _check_path(masks, enforcement_path)
+    _check_path(trainer, enforcement_path)
