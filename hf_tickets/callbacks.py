@@ -110,6 +110,8 @@ class SparsityCallback(TrainerCallback, ExportableState):
         """`sparsity` for every log line; `sparsity/<name>` for the first line after the masks changed."""
         fingerprint, sparsity = self._summary
         entries = {"sparsity": round(sparsity, 6)}
+        if self.method is not None:
+            entries.update(self.method.log_metrics())
         if self.layer_sparsity_logged_for != fingerprint:
             entries.update({f"sparsity/{n}": round(v, 6) for n, v in self.masks.layer_sparsity().items()})
             self.layer_sparsity_logged_for = fingerprint
@@ -130,6 +132,8 @@ class SparsityCallback(TrainerCallback, ExportableState):
                 self.restore(saved.get("attributes", {}))
         # Weights loaded from a checkpoint, or changed since the masks were made, are zeroed again.
         self.enforce_now(optimizer)
+        if self.method is not None:
+            self.method.on_train_begin(self.model, self.masks, state.max_steps)
 
     def dense_grads_ready(self, model: nn.Module, step: int) -> None:
         """After the last micro-step's backward: the method sees dense gradients, then they are masked."""

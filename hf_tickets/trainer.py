@@ -26,6 +26,7 @@ from .sparsify import MASKS_ATTR
 logger = logging.getLogger(__name__)
 
 ENGINES = ("trainer", "batched")
+STATE_TENSORS_NAME = "sparsity_state.safetensors"  # a method's tensor state, in every checkpoint
 ONE_SHOT_DESCRIPTIONS = ("magnitude", "random")  # methods that describe loaded masks without changing them
 
 
@@ -160,6 +161,11 @@ class TicketTrainer(Trainer):
         ):
             logger.info("Restoring masks from %s", checkpoint)
             self.set_masks(MaskSet.load(checkpoint))
+            tensors = os.path.join(checkpoint, STATE_TENSORS_NAME)
+            if os.path.isfile(tensors):
+                from safetensors.torch import load_file
+
+                self.sparsity_method.load_state_tensors(load_file(tensors))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_callback_state(self) -> None:
@@ -253,6 +259,14 @@ class TicketTrainer(Trainer):
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             self.masks.save(output_dir)
             self.sparsity_config.save_pretrained(output_dir)
+            tensors = self.sparsity_method.state_tensors()
+            if tensors:
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    os.path.join(output_dir, STATE_TENSORS_NAME),
+                )
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)

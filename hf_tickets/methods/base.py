@@ -4,6 +4,7 @@
 A method decides masks; it never writes zeros (that is `hf_tickets.enforce`, the one enforcement path). The
 `SparsityCallback` calls its hooks at Trainer events, in this order within one optimizer step:
 
+    train begin -> on_train_begin (max_steps known: schedules)
     backward of the last micro-step -> on_dense_grads (gradients still dense) -> enforce: mask gradients -> clip
     -> optimizer.step -> after_optimizer_step (may return new masks) -> enforce: re-mask weights
        (+ zero optimizer state of pruned entries when the masks changed)
@@ -21,6 +22,8 @@ from torch import nn
 from ..config import SparsityConfig, register_config_class
 
 if TYPE_CHECKING:
+    import torch
+
     from ..masks import MaskSet
 
 # A fresh iterator over training batches (dicts of tensors on the model's device), from the trainer's own train
@@ -59,6 +62,9 @@ class SparsityMethod:
         """The masks training starts with. `targets` are the prunable parameters (name -> parameter)."""
         raise NotImplementedError(f"sparsity method {self.name!r} must implement initial_masks")
 
+    def on_train_begin(self, model: nn.Module, masks: "MaskSet", max_steps: int) -> None:
+        """A `train()` call starts (fresh or resumed); `max_steps` is its total optimizer steps, for schedules."""
+
     def on_dense_grads(self, model: nn.Module, masks: "MaskSet", step: int) -> None:
         """After the last micro-step's backward of optimizer step `step` (1-based), before gradients are masked
         and clipped: `p.grad` still holds the dense gradient (RigL grows connections from it)."""
@@ -73,12 +79,24 @@ class SparsityMethod:
         """Iterative methods: the masks of `level`, from the model trained at `level - 1` under `masks`."""
         raise NotImplementedError(f"sparsity method {self.name!r} is not iterative")
 
+    def log_metrics(self) -> dict[str, float]:
+        """Values added to the next Trainer log line (e.g. mask churn after an update); empty by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (counters, RNG) saved in every Trainer checkpoint; masks are saved apart."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (on resume from a checkpoint)."""
+
+    def state_tensors(self) -> dict[str, "torch.Tensor"]:
+        """Tensor state too large for JSON (e.g. a per-weight history); saved as `sparsity_state.safetensors` in
+        every checkpoint next to the masks."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, "torch.Tensor"]) -> None:
+        """Restore what `state_tensors` returned (on resume from a checkpoint)."""
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -87,6 +105,7 @@ class SparsityMethod:
         cls = type(self)
         return (
             self.iterative
+            or cls.on_train_begin is not SparsityMethod.on_train_begin
             or cls.on_dense_grads is not SparsityMethod.on_dense_grads
             or cls.after_optimizer_step is not SparsityMethod.after_optimizer_step
         )
