@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import math
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -134,4 +135,144 @@ def random_masks_like(reference: Mapping[str, torch.Tensor], seed: int) -> dict[
     for name, ref in reference.items():
         scores = torch.rand(ref.shape, generator=generator)
         out[name] = _keep_top([scores], int(ref.sum()))[0].to(ref.device)
+    return out
+
+
+# ---- density allocation for methods that start from a sparse random mask (RigL, SET, static sparse) --------------
+
+DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def _raw_density(shape: Sequence[int], distribution: str) -> float:
+    """The un-normalised density of a layer: its share of the budget per weight, before scaling by epsilon."""
+    dims = [int(d) for d in shape]
+    if distribution == "uniform":
+        return 1.0
+    if distribution == "erdos_renyi":  # (n_in + n_out) / (n_in * n_out) over the first two dims
+        dims = dims[:2]
+    # "erk": sum(shape) / prod(shape), kernel dims included (Evci et al. 2020); a 1-D tensor gets 1
+    return sum(dims) / math.prod(dims)
+
+
+def layer_densities(
+    shapes: Mapping[str, Sequence[int]], density: float, distribution: str, dense_layers: Sequence[str] = ()
+) -> dict[str, float]:
+    """Per-layer densities whose parameter-count-weighted mean is `density`.
+
+    Args:
+        shapes: name -> shape of every tensor to sparsify, in order.
+        density: overall fraction of entries kept (1 - `SparsityConfig.sparsity`), in [0, 1].
+        distribution: `"uniform"` (the same density everywhere), `"erdos_renyi"` (density proportional to
+            (n_in + n_out) / (n_in * n_out) over the first two dims) or `"erk"` (proportional to
+            sum(shape) / prod(shape), kernel dims included; Evci et al. 2020).
+        dense_layers: exact names of tensors kept dense (density 1); the others share the rest of the budget.
+
+    A layer whose density would exceed 1 is capped at 1 and the others are rescaled, until no density exceeds 1
+    (capping only frees budget for the others, so every layer above 1 is capped at once). The weighted mean is
+    exact up to floating point; `counts_from_densities` turns densities into exact integer counts.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"SparsityConfig.distribution={distribution!r} is unknown: choose one of {list(DISTRIBUTIONS)}."
+        )
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0.0 <= float(density) <= 1.0):
+        raise ValueError(
+            f"density {density!r} is outside [0, 1]: SparsityConfig.sparsity (= 1 - density) must be in [0, 1)."
+        )
+    density = float(density)
+    unknown = [n for n in dense_layers if n not in shapes]
+    if unknown:
+        raise ValueError(
+            f"dense layers {unknown} are not among the sparsified tensors {list(shapes)[:4]}"
+            f"{' ...' if len(shapes) > 4 else ''}: name them exactly as model.named_parameters() does."
+        )
+    numel = {name: _numel(shape) for name, shape in shapes.items()}
+    total = sum(numel.values())
+    dense = set(dense_layers) | {n for n, k in numel.items() if k == 0}
+    out: dict[str, float] = {}
+    while True:
+        budget = density * total - sum(numel[n] for n in dense)  # entries the non-dense layers share
+        rest = [n for n in shapes if n not in dense]
+        if budget < -1e-9 * max(total, 1):  # only layers named dense can overdraw: capping frees budget
+            held = sum(numel[n] for n in dense_layers)
+            raise ValueError(
+                f"SparsityConfig.sparsity={1.0 - density:.6g} cannot be met with distribution={distribution!r}: the "
+                f"layers kept dense {sorted(dense_layers)} hold {held} of the {total} sparsified weights, so the "
+                f"sparsity can be at most {1.0 - held / max(total, 1):.6g}. Lower SparsityConfig.sparsity to at most "
+                "that, or keep fewer layers dense."
+            )
+        raw = {n: _raw_density(shapes[n], distribution) for n in rest}
+        divisor = sum(raw[n] * numel[n] for n in rest)
+        eps = max(budget, 0.0) / divisor if rest else 0.0
+        over = [n for n in rest if eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    for name in shapes:
+        out[name] = 1.0 if name in dense else eps * raw[name]
+    return out
+
+
+def counts_from_densities(
+    shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float], *, total: Optional[int] = None
+) -> dict[str, int]:
+    """Kept entries per tensor: `densities[name] * numel` rounded so that the counts add up exactly.
+
+    The total kept is `total` when given, else sum(density * numel) rounded to the nearest integer (halves up,
+    with a tolerance for floating-point error); the units left after flooring every layer go to the largest
+    remainders (ties to the earlier layer). No layer gets more entries than it has.
+    """
+    missing = [n for n in shapes if n not in densities]
+    if missing:
+        raise ValueError(f"no density for tensors {missing[:5]}: give one for every tensor in shapes.")
+    numel = {name: _numel(shape) for name, shape in shapes.items()}
+    exact = {}
+    for name in shapes:
+        d = float(densities[name])
+        if not (0.0 <= d <= 1.0 + 1e-9):
+            raise ValueError(f"density {d!r} of {name!r} is outside [0, 1].")
+        exact[name] = min(max(d, 0.0), 1.0) * numel[name]
+    if total is None:
+        total = math.floor(sum(exact.values()) + 0.5 + 1e-6)
+    if not (0 <= total <= sum(numel.values())):
+        raise ValueError(f"total={total} kept entries is outside [0, {sum(numel.values())}].")
+    counts = {name: min(numel[name], math.floor(v + 1e-9)) for name, v in exact.items()}
+    left = total - sum(counts.values())
+    # largest remainders first (stable: ties keep layer order); only layers with room take a unit
+    order = sorted(shapes, key=lambda n: -(exact[n] - counts[n]))
+    while left != 0:
+        step = 1 if left > 0 else -1
+        candidates = [n for n in order if (counts[n] < numel[n] if step > 0 else counts[n] > 0)]
+        if step < 0:
+            candidates = candidates[::-1]  # take back from the smallest remainders
+        if not candidates:
+            break
+        for name in candidates[: abs(left)]:
+            counts[name] += step
+            left -= step
+    return counts
+
+
+def random_masks_with_counts(
+    shapes: Mapping[str, Sequence[int]], counts: Mapping[str, int], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Boolean CPU masks with exactly `counts[name]` True entries each, at positions drawn from `generator`.
+
+    Pass a CPU generator seeded from `SparsityConfig.seed`: every rank then draws the same masks. Tensors are drawn
+    in the order of `shapes`.
+    """
+    out = {}
+    for name, shape in shapes.items():
+        n = _numel(shape)
+        k = int(counts[name])
+        if not (0 <= k <= n):
+            raise ValueError(f"count {k} for {name!r} is outside [0, {n}] (its shape is {tuple(shape)}).")
+        flat = torch.zeros(n, dtype=torch.bool)
+        if k:
+            flat[torch.randperm(n, generator=generator)[:k]] = True
+        out[name] = flat.view(tuple(int(d) for d in shape))
     return out
