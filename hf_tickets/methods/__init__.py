@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from . import imp, oneshot  # noqa: F401  (register "imp", "magnitude" and "random")
+from . import gradual, imp, oneshot, rigl  # noqa: F401  (register "gradual", "imp", "magnitude", "random", "rigl", "set")
 from .base import BatchSource, SparsityMethod, available_methods, build_method, get_method, register_method
+from .gradual import GradualConfig
 from .imp import IMPConfig
+from .rigl import RigLConfig, SETConfig
 
 __all__ = [
     "BatchSource",
+    "GradualConfig",
     "IMPConfig",
+    "RigLConfig",
+    "SETConfig",
     "SparsityMethod",
     "available_methods",
     "build_method",
