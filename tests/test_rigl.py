@@ -154,3 +154,21 @@ def test_resume_equals_uninterrupted(tmp_path):
     keep = ("dst/", "sparsity", "loss")
     logs = [[{k: v for k, v in e.items() if k.startswith(keep)} for e in t.state.log_history] for t in (full, resumed)]
     assert logs[0][:-1] == logs[1][:-1]
+
+
+def test_static_random_sparse_is_the_fixed_baseline(tmp_path):
+    trainer = TicketTrainer(
+        model=make_cnn(),
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=make_dataset("cnn", 32),
+        sparsity_config=SparsityConfig(method="static", sparsity=0.8, distribution="erk"),
+    )
+    before = trainer.masks
+    report = before.report()
+    assert report["kept"] == round(0.2 * report["numel"])
+    layer = before.layer_sparsity()
+    assert len(set(round(v, 3) for v in layer.values())) > 1, "ERK gives layers different densities"
+    trainer.train()
+    assert trainer.masks is before and count_violations_of(trainer) == 0
+    with pytest.raises(TypeError, match="update_interval belongs to method="):
+        SparsityConfig(method="static", sparsity=0.8, update_interval=3)

@@ -1,4 +1,5 @@
-"""Dynamic sparse training: RigL (Evci et al. 2020) and SET (Mocanu et al. 2018).
+"""Sparse training from a random sparse start: RigL (Evci et al. 2020), SET (Mocanu et al. 2018), and the
+static random mask they are compared with.
 
 Both start from a random mask with per-layer densities from a distribution (uniform, Erdős–Rényi, ERK) and, every
 `update_interval` optimizer steps until `stop_fraction` of training, drop in each layer the `drop_fraction`
@@ -26,24 +27,19 @@ from .base import BatchSource, SparsityMethod, register_method
 
 
 @dataclass
-class RigLConfig(SparsityConfig):
-    """`SparsityConfig` of `method="rigl"` (the papers' names).
+class StaticConfig(SparsityConfig):
+    """`SparsityConfig` of `method="static"`: a random sparse mask with per-layer densities from a distribution,
+    fixed for the whole run (the baseline RigL and SET are compared with).
 
     Args:
-        sparsity: overall fraction of targeted weights that are zero, held constant during training.
+        sparsity: overall fraction of targeted weights that are zero.
         distribution: per-layer densities: `"uniform"`, `"erdos_renyi"` or `"erk"` (Erdős–Rényi-kernel).
         dense_layers: parameter names kept dense (e.g. the first layer), the rest rescaled to meet `sparsity`.
-        update_interval: ΔT, optimizer steps between mask updates.
-        drop_fraction: α, fraction of each layer's active weights replaced at an update (cosine-annealed to 0).
-        stop_fraction: T_end as a fraction of training's optimizer steps; no updates after it.
     """
 
-    method: str = field(default="rigl", metadata={"help": "rigl: drop by magnitude, grow by dense gradient."})
+    method: str = field(default="static", metadata={"help": "static: a fixed random mask (distribution)."})
     distribution: str = field(default="erk", metadata={"help": "Per-layer densities: uniform, erdos_renyi or erk."})
     dense_layers: Optional[list[str]] = field(default=None, metadata={"help": "Parameter names kept dense."})
-    update_interval: int = field(default=100, metadata={"help": "Optimizer steps between mask updates (ΔT)."})
-    drop_fraction: float = field(default=0.3, metadata={"help": "Fraction of active weights replaced per update."})
-    stop_fraction: float = field(default=0.75, metadata={"help": "Fraction of training after which masks freeze."})
 
     def validate_method(self) -> None:
         name = type(self).__name__
@@ -58,6 +54,28 @@ class RigLConfig(SparsityConfig):
             raise ValueError(
                 f"{name}.distribution={self.distribution!r} is unknown: choose one of {list(DISTRIBUTIONS)}."
             )
+        if isinstance(self.dense_layers, str):
+            self.dense_layers = [self.dense_layers]
+
+
+@dataclass
+class RigLConfig(StaticConfig):
+    """`SparsityConfig` of `method="rigl"` (the papers' names): `StaticConfig`'s fields, and
+
+    Args:
+        update_interval: ΔT, optimizer steps between mask updates.
+        drop_fraction: α, fraction of each layer's active weights replaced at an update (cosine-annealed to 0).
+        stop_fraction: T_end as a fraction of training's optimizer steps; no updates after it.
+    """
+
+    method: str = field(default="rigl", metadata={"help": "rigl: drop by magnitude, grow by dense gradient."})
+    update_interval: int = field(default=100, metadata={"help": "Optimizer steps between mask updates (ΔT)."})
+    drop_fraction: float = field(default=0.3, metadata={"help": "Fraction of active weights replaced per update."})
+    stop_fraction: float = field(default=0.75, metadata={"help": "Fraction of training after which masks freeze."})
+
+    def validate_method(self) -> None:
+        super().validate_method()
+        name = type(self).__name__
         if (
             isinstance(self.update_interval, bool)
             or not isinstance(self.update_interval, int)
@@ -68,8 +86,6 @@ class RigLConfig(SparsityConfig):
             raise ValueError(f"{name}.drop_fraction={self.drop_fraction!r} must be in (0, 1), e.g. 0.3.")
         if not isinstance(self.stop_fraction, (int, float)) or not 0 < self.stop_fraction <= 1:
             raise ValueError(f"{name}.stop_fraction={self.stop_fraction!r} must be in (0, 1], e.g. 0.75.")
-        if isinstance(self.dense_layers, str):
-            self.dense_layers = [self.dense_layers]
 
 
 @dataclass
@@ -79,18 +95,8 @@ class SETConfig(RigLConfig):
     method: str = field(default="set", metadata={"help": "set: drop by magnitude, grow at random."})
 
 
-class RigL(SparsityMethod):
-    """Drop the smallest-magnitude active weights, grow the inactive ones with the largest dense gradient."""
-
-    def __init__(self, config: RigLConfig) -> None:
-        super().__init__(config)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.stop_step: Optional[int] = None
-        self._grad_scores: dict[str, torch.Tensor] = {}
-        self._ever_active: dict[str, torch.Tensor] = {}
-        self._pending: dict[str, float] = {}
-
-    # ---- hooks -----------------------------------------------------------------------------------------------
+class StaticSparse(SparsityMethod):
+    """A random mask with the distribution's per-layer densities, drawn from `config.seed`, kept all run."""
 
     def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
@@ -106,8 +112,24 @@ class RigL(SparsityMethod):
         generator = torch.Generator().manual_seed(cfg.seed)  # the initial mask: same seed, same mask, any device
         masks = random_masks_with_counts(shapes, counts, generator)
         masks = {n: m.to(targets[n].device) for n, m in masks.items()}
-        self._ever_active = {n: m.clone() for n, m in masks.items()}
         return MaskSet(masks, self.mask_metadata(distribution=cfg.distribution))
+
+
+class RigL(StaticSparse):
+    """Drop the smallest-magnitude active weights, grow the inactive ones with the largest dense gradient."""
+
+    def __init__(self, config: RigLConfig) -> None:
+        super().__init__(config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.stop_step: Optional[int] = None
+        self._grad_scores: dict[str, torch.Tensor] = {}
+        self._ever_active: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, float] = {}
+
+    def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
+        masks = super().initial_masks(model, targets, batches)
+        self._ever_active = {n: m.clone() for n, m in masks.items()}
+        return masks
 
     def on_train_begin(self, model: nn.Module, masks: MaskSet, max_steps: int) -> None:
         self.stop_step = max(1, int(self.config.stop_fraction * max_steps))
@@ -208,5 +230,6 @@ class SET(RigL):
         return torch.rand(weight.shape, generator=self.generator).to(weight.device)
 
 
+register_method("static", StaticConfig, StaticSparse)
 register_method("rigl", RigLConfig, RigL)
 register_method("set", SETConfig, SET)
