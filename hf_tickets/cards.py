@@ -95,3 +95,37 @@ def upsert_card_section(output_dir: str, key: str, markdown: str) -> str:
         fh.write(text)
     os.replace(tmp, path)
     return path
+
+
+def write_mask_updates_section(output_dir: str, log_history: list[dict]) -> Optional[str]:
+    """Mask churn over training for methods that change masks while training (RigL, SET): a plot
+    (`mask_churn.png`) and a table, from the `dst/*` entries they log at each update. None when there are none."""
+    updates = [e for e in log_history if "dst/churn" in e]
+    if not updates:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in updates]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, [e["dst/churn"] for e in updates], marker="o", label="mask churn (active weights replaced)")
+    ax.plot(steps, [e.get("dst/ever_active", float("nan")) for e in updates], marker=".", label="ever active")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("fraction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "mask_churn.png"), dpi=120)
+    plt.close(fig)
+    rows = "\n".join(
+        f"| {e['step']} | {e['dst/churn']:.4f} | {e.get('dst/ever_active', float('nan')):.4f} | "
+        f"{e.get('dst/drop_fraction', float('nan')):.4f} |"
+        for e in updates
+    )
+    markdown = (
+        "### Mask updates during training\n\n![mask churn](mask_churn.png)\n\n"
+        "| step | churn | ever active | drop fraction |\n|---|---|---|---|\n" + rows
+    )
+    return upsert_card_section(output_dir, "mask_updates", markdown)

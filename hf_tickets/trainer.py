@@ -17,7 +17,7 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from .callbacks import SparsityCallback
-from .cards import write_model_card
+from .cards import write_mask_updates_section, write_model_card
 from .config import SparsityConfig
 from .masks import MASKS_NAME, MaskSet
 from .methods import SparsityMethod, build_method
@@ -287,6 +287,7 @@ class TicketTrainer(Trainer):
             model=self.model,
             metrics=_last_eval_metrics(self.state.log_history),
         )
+        write_mask_updates_section(folder, self.state.log_history)
 
 
 def _config_from_masks(masks: MaskSet) -> SparsityConfig:

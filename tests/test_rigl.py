@@ -172,3 +172,13 @@ def test_static_random_sparse_is_the_fixed_baseline(tmp_path):
     assert trainer.masks is before and count_violations_of(trainer) == 0
     with pytest.raises(TypeError, match="update_interval belongs to method="):
         SparsityConfig(method="static", sparsity=0.8, update_interval=3)
+
+
+def test_model_card_shows_mask_churn(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "Mask updates during training" in card and "mask_churn.png" in card
+    assert (tmp_path / "final" / "mask_churn.png").stat().st_size > 1000
+    assert card.count("\n| 2 |") == 1 and "\n| 8 |" in card, "one row per update"
