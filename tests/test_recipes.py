@@ -57,11 +57,15 @@ def shrink(name: str, output_dir, controls: bool = False) -> list[str]:
         "training.logging_steps=1",
         "training.per_device_train_batch_size=4",
         "training.per_device_eval_batch_size=16",
-        "sparsity.levels=1",
         "data.max_train_samples=32",
         "data.max_eval_samples=16",
     ]
-    if not controls:
+    method = recipe["sparsity"].get("method")
+    if method == "imp":
+        overrides.append("sparsity.levels=1")
+    if method in ("rigl", "set"):  # one mask update inside the 2 steps
+        overrides += ["sparsity.update_interval=1", "sparsity.stop_fraction=1.0"]
+    if not controls and method == "imp":
         overrides.append("controls=[]")
     if recipe["sparsity"].get("rewind") in ("step", "lr"):
         overrides.append("sparsity.rewind_step=1")  # the recipe's k is past the end of a 2-step level
@@ -84,7 +88,11 @@ def test_recipe_parses(name):
     assert f"accelerate launch -m hf_tickets.cli run recipes/{name}" in text
     assert isinstance(recipe.get("source"), str) and len(recipe["source"]) > 40
     config = SparsityConfig(**recipe["sparsity"])
-    assert config.method == "imp" and config.num_levels() >= 1
+    if config.method == "imp":
+        assert config.num_levels() >= 1
+    else:  # one sparse training run at a fixed sparsity: RigL, SET, static random
+        assert config.method in ("rigl", "set", "static") and 0 < config.sparsity < 1
+        assert not recipe.get("controls"), "LTH controls belong to IMP recipes"
     args = TrainingArguments(**{**recipe["training"], "use_cpu": True})
     assert args.output_dir == recipe["training"]["output_dir"]
     for control in recipe.get("controls") or []:
@@ -114,6 +122,8 @@ def test_recipe_builds(name, tmp_path):
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs(name, tmp_path):
     out = tmp_path / "run"
+    if load_recipe(str(REPO / "recipes" / name))["sparsity"]["method"] != "imp":
+        return _check_sparse_run(name, out)
     summary = run_recipe(load_recipe(str(REPO / "recipes" / name), shrink(name, out)))
     assert summary["output_dir"] == str(out)
     for level in ("level_00", "level_01"):
@@ -127,6 +137,18 @@ def test_recipe_runs(name, tmp_path):
     level_1 = json.loads((out / "level_01" / "metrics.json").read_text())
     assert level_1["sparsity"] > 0
     assert 0 < load_masks(str(out / "level_01")).sparsity() < 1
+
+
+def _check_sparse_run(name, out):
+    """A one-run recipe (RigL, SET, static): the trained model, its masks at the target and its card."""
+    recipe = load_recipe(str(REPO / "recipes" / name), shrink(name, out))
+    summary = run_recipe(recipe)
+    ticket = Path(summary["ticket_dir"])
+    for file in ("masks.safetensors", "README.md", "model.safetensors", "sparsity_config.json"):
+        assert (ticket / file).is_file(), file
+    masks = load_masks(str(ticket))
+    assert masks.sparsity() == pytest.approx(recipe["sparsity"]["sparsity"], abs=1e-3)
+    assert SparsityConfig.from_pretrained(str(ticket)).method == recipe["sparsity"]["method"]
 
 
 def test_recipe_runs_with_controls(tmp_path):
