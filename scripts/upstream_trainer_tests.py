@@ -43,12 +43,18 @@ MODES = ("stock", "ticket", "ticket0", "ticket50")
 # Modes whose pass set must contain stock's; ticket50 is informational (pruning half the weights changes losses).
 STRICT_MODES = ("ticket", "ticket0")
 
-# Measured on 2 CPU cores (see docs/drop_in.md). The rest of tests/trainer/ is distributed/accelerator-only or
-# was not available when the baseline was taken; add files with --files.
+# The CPU-runnable files of tests/trainer/ that exercise Trainer, measured on 2 CPU cores (see docs/drop_in.md). The
+# rest is distributed/DeepSpeed/FSDP/TPU/accelerator-only, needs packages or Hub models this machine lacks, or tests
+# trainer_pt_utils without building a Trainer; add files with --files.
 DEFAULT_FILES = (
     "tests/trainer/test_trainer.py",
     "tests/trainer/test_trainer_callback.py",
     "tests/trainer/test_trainer_resume.py",
+    "tests/trainer/test_trainer_checkpointing.py",
+    "tests/trainer/test_trainer_data.py",
+    "tests/trainer/test_trainer_evaluation.py",
+    "tests/trainer/test_trainer_hyperparameter.py",
+    "tests/trainer/test_trainer_optimizers.py",
 )
 
 # Tests that cannot run here at all, with stock Trainer either: they download models, tokenizers or data sets
@@ -59,6 +65,9 @@ DEFAULT_EXCLUDES = {
     "test_special_token_alignment": "downloads hf-internal-testing/tiny-random-LlamaForCausalLM",
     "test_trainer_works_without_model_config": "downloads the tiny-random-LlamaForCausalLM tokenizer",
     "test_train_and_predict_loss_parity": "downloads hf-internal-testing/tiny-random-LlamaForCausalLM",
+    "test_save_collator_tokenizer_by_default": "downloads the bert-base-uncased tokenizer",
+    "test_trainer_saves_tokenizer": "downloads the google-bert/bert-base-uncased tokenizer",
+    "test_trainer_saves_feature_extractor": "downloads the facebook/wav2vec2-base-960h feature extractor",
 }
 
 # What the tests need from tests/ besides tests/trainer/ when exporting from a git directory.
