@@ -1,34 +1,75 @@
-"""Train the toy method for a fixed number of steps, checkpointing every step; resume from the last checkpoint
-when one exists. Run as a process so that tests can kill it at any moment (tests/test_resume_kill.py)."""
+"""Train a sparsity method for a fixed number of steps, checkpointing every step; resume from the last complete
+checkpoint when one exists. Run as a process so that tests can kill it at any moment (tests/test_resume_kill.py).
+
+    python tests/resume_worker.py OUT STEPS [METHOD]    # METHOD: toy (default), rigl or set
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import toy_method  # noqa: E402,F401  (registers "toy_grow_prune")
 from conftest import make_cnn, make_dataset, training_args  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 from hf_tickets import SparsityConfig, TicketTrainer  # noqa: E402
 
 
-def main(out: str, steps: int) -> None:
+def _dst(method: str) -> SparsityConfig:
+    return SparsityConfig(
+        method=method,
+        sparsity=0.7,
+        distribution="erk",
+        update_interval=2,
+        drop_fraction=0.5,
+        stop_fraction=0.75,
+        seed=3,
+    )
+
+
+CONFIGS = {
+    "toy": lambda: SparsityConfig(method="toy_grow_prune", every=2, seed=3),
+    "rigl": lambda: _dst("rigl"),
+    "set": lambda: _dst("set"),
+}
+
+
+def last_complete_checkpoint(out: str):
+    """The newest checkpoint whose trainer_state.json (Trainer writes it last) is whole. Trainer writes checkpoints
+    in place, so a process killed while saving leaves a newest folder that is empty or torn; transformers'
+    `get_last_checkpoint` would pick it, and resuming from it fails."""
+    if not os.path.isdir(out):
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = sorted((int(m.group(1)) for m in map(pattern.match, os.listdir(out)) if m), reverse=True)
+    for step in steps:
+        folder = os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        try:
+            with open(os.path.join(folder, "trainer_state.json")) as fh:
+                json.load(fh)
+        except (OSError, ValueError):
+            continue
+        return folder
+    return None
+
+
+def main(out: str, steps: int, method: str = "toy") -> None:
     trainer = TicketTrainer(
         model=make_cnn(),
         args=training_args(out, max_steps=steps, save_strategy="steps", save_steps=1, save_total_limit=2),
         train_dataset=make_dataset("cnn", 32),
-        sparsity_config=SparsityConfig(method="toy_grow_prune", every=2, seed=3),
+        sparsity_config=CONFIGS[method](),
     )
-    last = get_last_checkpoint(out) if os.path.isdir(out) else None
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     trainer.save_model(os.path.join(out, "final"))
     with open(os.path.join(out, "final", "log_history.json"), "w") as fh:
         json.dump(trainer.state.log_history, fh)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])
