@@ -111,9 +111,11 @@ class SparsityConfig(PushToHubMixin):
         unknown = sorted(set(kwargs) - own)
         if unknown:
             owners = {
-                name: m for m, c in sorted(_CONFIG_CLASSES.items()) for name in unknown if name in _field_names(c)
+                name: [m for m, c in sorted(_CONFIG_CLASSES.items()) if name in _field_names(c)] for name in unknown
             }
-            hints = "; ".join(f"{n} belongs to method={m!r}" for n, m in owners.items())
+            hints = "; ".join(
+                f"{n} belongs to method={' or '.join(repr(m) for m in ms)}" for n, ms in owners.items() if ms
+            )
             raise TypeError(
                 f"SparsityConfig(method={method or cls.method!r}) has no field(s) {unknown}"
                 + (f" ({hints})" if hints else "")
