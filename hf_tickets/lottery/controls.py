@@ -16,6 +16,7 @@ from safetensors.torch import save_model
 from ..allocation import random_masks_like
 from ..config import SparsityConfig
 from ..masks import MaskSet
+from .identity import check_identity, run_identity
 from .layout import CONTROL_KINDS, control_dir, trunk_levels
 from .levels import INIT_WEIGHTS_NAME, REWIND_DIR, LevelStart, is_complete, level_dir, train_level
 
@@ -64,6 +65,10 @@ def run_control(trainer: "TicketTrainer", kind: str, trunk_dir: str, levels: Opt
             f"controls rewind like the trunk, but the trunk used rewind={trunk_config.rewind!r}: controls are defined "
             "for rewind='init' or 'step'."
         )
+    # The control must train exactly as the trunk did (same steps, optimizer, data, theta_0): same identity.
+    check_identity(
+        trunk_dir, run_identity(trunk_config, trainer.args, trainer.model, trainer.train_dataset), write=False
+    )
     out_root = control_dir(trunk_dir, kind)
     reinit_file = None
     if kind == "reinit":

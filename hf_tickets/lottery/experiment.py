@@ -42,6 +42,7 @@ from ..config import SparsityConfig
 from ..masks import MaskSet
 from ..methods import build_method
 from .controls import REINIT_SEED_OFFSET, fresh_init_weights
+from .identity import check_identity, run_identity
 from .layout import CONTROL_KINDS, control_dir
 from .levels import INIT_WEIGHTS_NAME, _finish_level, is_complete, level_dir, save_init_weights
 from .lockstep import (
@@ -98,6 +99,7 @@ class LockstepExperiment:
         self.model, self.config, self.args = model, config, args
         self.replicates = replicates
         self.device = torch.device(device) if device is not None else args.device
+        self._train_dataset = train_dataset  # as given, for the run identity (the same as the trainer engine's)
         self.train = _tensors(train_dataset, "train_dataset", self.device)
         self.eval_splits = _eval_splits(eval_dataset, self.device)
         if decay_names is None:
@@ -153,6 +155,7 @@ class LockstepExperiment:
         """Train every level of every replicate, with `controls` at `control_levels` (default: every pruned level)
         in the same passes; write the report of each replicate. Returns the metrics of the last level's arms."""
         controls = _check_controls(controls)
+        self._check_identity(write=True)
         levels = self.config.num_levels()
         wanted_controls = set(range(1, levels + 1)) if control_levels is None else set(control_levels)
         bad = sorted(level for level in wanted_controls if not 1 <= level <= levels)
@@ -181,6 +184,7 @@ class LockstepExperiment:
         """Control `kind` for finished trunk levels, all levels in one pass; returns the control folder (of
         replicate 0)."""
         _check_controls((kind,))
+        self._check_identity(write=False)
         from .layout import trunk_levels
 
         for r in range(self.replicates):
@@ -199,6 +203,11 @@ class LockstepExperiment:
                 self._train_jobs(jobs, lambda job, masks=trunk_masks: masks[_level_of(job)])
         self._write_reports()
         return control_dir(self.replicate_root(0), kind)
+
+    def _check_identity(self, write: bool) -> None:
+        """The run folder's identity: the trainer engine computes the same one, so either engine may continue it."""
+        identity = run_identity(self.config, self.args, self.model, self._train_dataset)
+        check_identity(self.args.output_dir, identity, write=write)
 
     # ---- one level ---------------------------------------------------------------------------------------------
 

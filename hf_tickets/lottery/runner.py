@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from safetensors.torch import load_model
 
 from ..masks import MaskSet
+from .identity import check_identity, run_identity
 from .levels import REWIND_DIR, LevelStart, RewindCapture, is_complete, level_dir, save_init_weights, train_level
 
 if TYPE_CHECKING:
@@ -74,6 +75,8 @@ class IMPRunner:
         cfg, trainer = self.config, self.trainer
         k = self.rewind_step()
         levels = cfg.num_levels()
+        identity = run_identity(cfg, trainer.args, trainer.model, trainer.train_dataset)
+        check_identity(self.root, identity, write=trainer.args.should_save)  # before anything is reused or trained
         init_file = save_init_weights(trainer.model, self.root, write=trainer.args.should_save)
         trainer.accelerator.wait_for_everyone()
         rewind_dir = os.path.join(self.root, REWIND_DIR)
