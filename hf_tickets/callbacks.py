@@ -57,6 +57,7 @@ class SparsityCallback(TrainerCallback, ExportableState):
         # Fingerprint of the masks whose per-layer sparsity was last logged: restored on resume, so a resumed run
         # logs `sparsity/<name>` at the same steps as an uninterrupted one.
         self.layer_sparsity_logged_for: Optional[str] = None
+        self._collapsed_warned: set[str] = set()
         if masks is not None:
             self._summarise()
 
@@ -78,7 +79,21 @@ class SparsityCallback(TrainerCallback, ExportableState):
         self.masks = masks
         self._enforcer = None
         self._summarise()
+        self._warn_if_collapsed()
         self.enforce_now(optimizer)
+
+    def _warn_if_collapsed(self) -> None:
+        """Say when a tensor is pruned so far that the network may be disconnected (once per set of tensors)."""
+        collapsed = self.masks.collapsed()
+        if collapsed and set(collapsed) != self._collapsed_warned:
+            self._collapsed_warned = set(collapsed)
+            listed = "; ".join(f"{n} {why}" for n, why in list(collapsed.items())[:5])
+            logger.warning(
+                "Layer collapse: %s%s. The network may be cut and train to a constant. Remedies: exclude the tensor "
+                "(exclude_modules), prune layer by layer (scope='layerwise'), or lower its rate (layer_rates).",
+                listed,
+                " ..." if len(collapsed) > 5 else "",
+            )
 
     def enforce_now(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Zero pruned weights (and, with `optimizer`, their optimizer state): after weights or state were loaded."""

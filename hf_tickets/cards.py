@@ -38,6 +38,7 @@ def render_sparsity_section(
         model_params=model_params,
         metrics=metrics or {},
         layers=report["layers"],
+        collapsed=masks.collapsed(),
         model_class=type(model).__name__ if model is not None else "AutoModel",
         model_module="hf_tickets.models"
         if model is not None and type(model).__module__.startswith("hf_tickets.")

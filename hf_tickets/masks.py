@@ -108,6 +108,21 @@ class MaskSet(Mapping[str, torch.Tensor]):
         kept = sum(v["kept"] for v in layers.values())
         return {"sparsity": 1.0 - kept / max(total, 1), "numel": total, "kept": kept, "layers": layers}
 
+    def collapsed(self, min_density: float = 0.01) -> dict[str, str]:
+        """Tensors pruned so far that the network may be cut: name -> why. A tensor keeping fewer than
+        `min_density` of its entries, or a weight matrix / conv kernel with an output row (dim 0) kept nowhere."""
+        out = {}
+        for name, mask in self._masks.items():
+            numel = max(mask.numel(), 1)
+            density = float(mask.sum()) / numel
+            if density < min_density:
+                out[name] = f"keeps {density:.2%} of its weights"
+            elif mask.dim() >= 2:
+                dead = int((~mask.reshape(mask.shape[0], -1).any(dim=1)).sum())
+                if dead:
+                    out[name] = f"{dead} of its {mask.shape[0]} output rows/channels keep no weight"
+        return out
+
     # ---- algebra ---------------------------------------------------------------------------------------------
 
     def is_subset_of(self, other: "MaskSet") -> bool:
