@@ -16,6 +16,7 @@ from .enforce import MaskEnforcer
 from .masks import MaskSet
 from .methods import BatchSource, SparsityMethod
 from .sparsify import initial_masks
+from .targets import input_dims
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class SparsityCallback(TrainerCallback, ExportableState):
 
     def _warn_if_collapsed(self) -> None:
         """Say when a tensor is pruned so far that the network may be disconnected (once per set of tensors)."""
-        collapsed = self.masks.collapsed()
+        collapsed = self.masks.collapsed(input_dims=input_dims(self.model, self.masks) if self.model else None)
         if collapsed and set(collapsed) != self._collapsed_warned:
             self._collapsed_warned = set(collapsed)
             listed = "; ".join(f"{n} {why}" for n, why in list(collapsed.items())[:5])
@@ -168,6 +169,7 @@ class SparsityCallback(TrainerCallback, ExportableState):
             new = self.method.after_optimizer_step(model, self.masks, state.global_step + 1)
             if new is not None:
                 self.set_masks(new, optimizer)
+                control.should_log = True  # every mask update gets its log line (churn, per-layer sparsity)
         # Momentum and weight decay would move pruned weights off zero.
         self.enforcer(model).mask_weights_()
         self._grads_masked = False

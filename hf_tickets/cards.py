@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import SparsityConfig
 from .masks import MaskSet
+from .targets import input_dims
 
 README_NAME = "README.md"
 SECTION_START = "<!-- hf_tickets:start -->"
@@ -38,7 +39,7 @@ def render_sparsity_section(
         model_params=model_params,
         metrics=metrics or {},
         layers=report["layers"],
-        collapsed=masks.collapsed(),
+        collapsed=masks.collapsed(input_dims=input_dims(model, masks) if model is not None else None),
         model_class=type(model).__name__ if model is not None else "AutoModel",
         model_module="hf_tickets.models"
         if model is not None and type(model).__module__.startswith("hf_tickets.")

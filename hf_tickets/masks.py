@@ -108,9 +108,11 @@ class MaskSet(Mapping[str, torch.Tensor]):
         kept = sum(v["kept"] for v in layers.values())
         return {"sparsity": 1.0 - kept / max(total, 1), "numel": total, "kept": kept, "layers": layers}
 
-    def collapsed(self, min_density: float = 0.01) -> dict[str, str]:
+    def collapsed(self, min_density: float = 0.01, input_dims: Optional[Mapping[str, int]] = None) -> dict[str, str]:
         """Tensors pruned so far that the network may be cut: name -> why. A tensor keeping fewer than
-        `min_density` of its entries, or a weight matrix / conv kernel with an output row (dim 0) kept nowhere."""
+        `min_density` of its entries, or a weight with an output unit (a row, or an output channel) kept nowhere.
+        `input_dims` gives each weight's input-feature dim (`targets.input_dims`: 1 for [out, in, ...], 0 for
+        transformers' Conv1D); without it, dim 1 is taken as the input, as for Linear and Conv."""
         out = {}
         for name, mask in self._masks.items():
             numel = max(mask.numel(), 1)
@@ -118,9 +120,11 @@ class MaskSet(Mapping[str, torch.Tensor]):
             if density < min_density:
                 out[name] = f"keeps {density:.2%} of its weights"
             elif mask.dim() >= 2:
-                dead = int((~mask.reshape(mask.shape[0], -1).any(dim=1)).sum())
+                out_dim = 1 if (input_dims or {}).get(name, 1) == 0 else 0
+                rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1)
+                dead = int((~rows.any(dim=1)).sum())
                 if dead:
-                    out[name] = f"{dead} of its {mask.shape[0]} output rows/channels keep no weight"
+                    out[name] = f"{dead} of its {mask.shape[out_dim]} output units keep no weight"
         return out
 
     # ---- algebra ---------------------------------------------------------------------------------------------

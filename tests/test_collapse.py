@@ -21,7 +21,15 @@ def test_collapsed_names_tiny_density_and_dead_rows():
     )
     collapsed = masks.collapsed()
     assert set(collapsed) == {"a.weight", "b.weight"}
-    assert "0.00%" in collapsed["a.weight"] and "1 of its 4 output rows" in collapsed["b.weight"]
+    assert "0.00%" in collapsed["a.weight"] and "1 of its 4 output units" in collapsed["b.weight"]
+
+
+def test_conv1d_output_units_are_its_columns():
+    mask = torch.ones(4, 6, dtype=torch.bool)  # transformers Conv1D: [in, out]
+    mask[2, :] = False  # an input feature unused: not a cut
+    assert MaskSet({"c.weight": mask}).collapsed(input_dims={"c.weight": 0}) == {}
+    mask[:, 5] = False  # an output unit fed by nothing
+    assert "1 of its 6 output units" in MaskSet({"c.weight": mask}).collapsed(input_dims={"c.weight": 0})["c.weight"]
 
 
 def test_global_pruning_that_cuts_a_layer_warns_with_remedies(tmp_path, caplog):

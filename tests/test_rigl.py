@@ -182,3 +182,10 @@ def test_model_card_shows_mask_churn(tmp_path):
     assert "Mask updates during training" in card and "mask_churn.png" in card
     assert (tmp_path / "final" / "mask_churn.png").stat().st_size > 1000
     assert card.count("\n| 2 |") == 1 and "\n| 8 |" in card, "one row per update"
+
+
+def test_every_update_is_logged_whatever_logging_steps(tmp_path):
+    trainer = _trainer(tmp_path, logging_steps=100)
+    trainer.train()
+    steps = [e["step"] for e in trainer.state.log_history if "dst/churn" in e]
+    assert steps == [2, 4, 6, 8]
