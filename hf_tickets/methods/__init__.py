@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from . import gradual, imp, oneshot, rigl  # noqa: F401  (register "gradual", "imp", "magnitude", "random", "rigl", "set", "static")
+from . import gradual, grasp, imp, oneshot, rigl, snip, synflow  # noqa: F401  (register every built-in method)
 from .base import BatchSource, SparsityMethod, available_methods, build_method, get_method, register_method
 from .gradual import GradualConfig
+from .grasp import GraSPConfig
 from .imp import IMPConfig
 from .rigl import RigLConfig, SETConfig, StaticConfig
+from .snip import SNIPConfig
+from .synflow import SynFlowConfig
 
 __all__ = [
     "BatchSource",
     "GradualConfig",
+    "GraSPConfig",
     "IMPConfig",
     "RigLConfig",
     "SETConfig",
+    "SNIPConfig",
     "StaticConfig",
+    "SynFlowConfig",
     "SparsityMethod",
     "available_methods",
     "build_method",
