@@ -14,10 +14,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
 from .callbacks import SparsityCallback
 from .cards import write_mask_updates_section, write_model_card
+from .checkpoints import last_complete_checkpoint
 from .config import SparsityConfig
 from .masks import MASKS_NAME, MaskSet
 from .methods import SparsityMethod, build_method
@@ -152,7 +153,9 @@ class TicketTrainer(Trainer):
         runner turns it off to resume a level's rewind point (a level-0 checkpoint) under the level's own masks."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            # None: Trainer's own "no valid checkpoint" error, as with stock Trainer
+            resume_from_checkpoint = checkpoint if checkpoint is not None else True
         if (
             restore_masks
             and self.sparsity_callback is not None

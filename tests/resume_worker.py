@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,25 +38,6 @@ CONFIGS = {
 }
 
 
-def last_complete_checkpoint(out: str):
-    """The newest checkpoint whose trainer_state.json (Trainer writes it last) is whole. Trainer writes checkpoints
-    in place, so a process killed while saving leaves a newest folder that is empty or torn; transformers'
-    `get_last_checkpoint` would pick it, and resuming from it fails."""
-    if not os.path.isdir(out):
-        return None
-    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-    steps = sorted((int(m.group(1)) for m in map(pattern.match, os.listdir(out)) if m), reverse=True)
-    for step in steps:
-        folder = os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        try:
-            with open(os.path.join(folder, "trainer_state.json")) as fh:
-                json.load(fh)
-        except (OSError, ValueError):
-            continue
-        return folder
-    return None
-
-
 def main(out: str, steps: int, method: str = "toy") -> None:
     trainer = TicketTrainer(
         model=make_cnn(),
@@ -65,7 +45,9 @@ def main(out: str, steps: int, method: str = "toy") -> None:
         train_dataset=make_dataset("cnn", 32),
         sparsity_config=CONFIGS[method](),
     )
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
+    # as a user restarts: resume_from_checkpoint=True, which skips a checkpoint torn by the kill
+    started = os.path.isdir(out) and any(n.startswith(PREFIX_CHECKPOINT_DIR) for n in os.listdir(out))
+    trainer.train(resume_from_checkpoint=True if started else None)
     trainer.save_model(os.path.join(out, "final"))
     with open(os.path.join(out, "final", "log_history.json"), "w") as fh:
         json.dump(trainer.state.log_history, fh)

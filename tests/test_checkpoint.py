@@ -215,3 +215,30 @@ def test_checkpoints_do_not_write_a_card(tmp_path):
     assert json.loads((run / "checkpoint-2" / REPORT_NAME).read_text())["sparsity"] == pytest.approx(
         trainer.masks.sparsity()
     )
+
+
+def test_resume_true_skips_a_checkpoint_torn_by_a_kill(tmp_path):
+    """A process killed while Trainer writes a checkpoint leaves a newest folder without trainer_state.json;
+    resume_from_checkpoint=True resumes from the last complete one (stock Trainer would fail on the torn one)."""
+    from conftest import make_cnn, make_dataset, training_args
+
+    from hf_tickets import SparsityConfig, TicketTrainer
+    from hf_tickets.checkpoints import last_complete_checkpoint
+
+    def build(max_steps):
+        return TicketTrainer(
+            model=make_cnn(),
+            args=training_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2),
+            train_dataset=make_dataset("cnn", 32),
+            sparsity_config=SparsityConfig(sparsity=0.5),
+        )
+
+    build(4).train()
+    torn = tmp_path / "checkpoint-6"
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text('{"global_step": 6, "log_hist')  # cut mid-write
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    resumed = build(6)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    assert last_complete_checkpoint(str(tmp_path / "nothing")) is None

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from safetensors.torch import load_model, save_model
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
+from ..checkpoints import last_complete_checkpoint
 from ..masks import MaskSet
 
 if TYPE_CHECKING:
@@ -125,7 +126,8 @@ def train_level(
         for name, value in start.args_overrides.items():
             setattr(trainer.args, name, value)
         trainer.set_masks(masks)
-        resume = get_last_checkpoint(partial) or start.resume_from  # a crash mid-level resumes where it stopped
+        # a crash mid-level resumes where it stopped (from the last checkpoint Trainer finished writing)
+        resume = last_complete_checkpoint(partial) or start.resume_from
         if resume is not None and resume != start.resume_from:
             hook.weights_file = None  # the mid-level checkpoint already holds the right weights
         if resume is None:
