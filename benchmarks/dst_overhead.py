@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 from transformers import BertConfig, Trainer, TrainingArguments
@@ -36,7 +35,6 @@ class UpdateTimer:
     """Times the work of a mask update: RigL's two hooks on an update step and the enforcement of the new masks."""
 
     def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
         self.updates: list[float] = []
         self._spans: list[tuple] = []
 
@@ -50,10 +48,10 @@ class UpdateTimer:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            start = self._mark()
+            start = common._mark()
             out = original(*args, **kwargs)
             if counts(args, out):
-                self._spans.append((start, self._mark()))
+                self._spans.append((start, common._mark()))
                 if closes_update:
                     self.updates.append(sum(self._elapsed(a, b) for a, b in self._spans))
                     self._spans = []
@@ -61,31 +59,19 @@ class UpdateTimer:
 
         setattr(owner, name, timed)
 
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _elapsed(self, start, end) -> float:
-        if not self.cuda:
-            return (end - start) * 1e3
-        end.synchronize()
-        return start.elapsed_time(end)
+    @staticmethod
+    def _elapsed(start, end) -> float:
+        common._sync()
+        return common._elapsed_ms(start, end)
 
 
 def round_ms(trainer) -> float:
-    start = time.perf_counter()
-    if torch.cuda.is_available():
-        begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        trainer.train()
-        finish.record()
-        finish.synchronize()
-        return begin.elapsed_time(finish)
+    """One train() call, timed on the GPU timeline (host clock on CPU smoke runs)."""
+    start = common._mark()
     trainer.train()
-    return (time.perf_counter() - start) * 1e3
+    end = common._mark()
+    common._sync()
+    return common._elapsed_ms(start, end)
 
 
 def main() -> None:

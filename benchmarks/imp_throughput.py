@@ -60,10 +60,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 
-from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer, apply_sparsity  # noqa: E402
 from hf_tickets.allocation import random_masks_like  # noqa: E402
 from hf_tickets.data import TensorImageDataset  # noqa: E402
+from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets.lottery.batched import BatchedMaskedTraining  # noqa: E402
 from hf_tickets.lottery.controls import REINIT_SEED_OFFSET  # noqa: E402
 from hf_tickets.models import build_model  # noqa: E402

@@ -229,6 +229,18 @@ def count_violations_of(trainer) -> int:
     return count_violations(trainer.model, trainer.masks)
 
 
+class StopAt(TrainerCallback):
+    """Ends training after optimizer step `step` without saving there: a run interrupted mid-way."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            control.should_save = False
+
+
 class ViolationCounter(TrainerCallback):
     """After every optimizer step, count masked weights that are not exactly zero.
 

@@ -12,15 +12,19 @@ from hf_tickets import MaskSet
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Two CPU processes (gloo) under torchrun, offline; fails the test with the end of stderr if they fail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_imp_with_controls_under_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
+    result = _torchrun(
         "-m",
         "hf_tickets.cli",
         "run",
@@ -31,10 +35,7 @@ def test_imp_with_controls_under_torchrun_two_processes(tmp_path):
         "sparsity.levels=2",
         "sparsity.rewind_step=10",
         "control_levels=[2]",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )
     masks = [MaskSet.load(os.path.join(out, f"level_{level:02d}")) for level in range(3)]
     assert masks[2].is_subset_of(masks[1]) and masks[1].is_subset_of(masks[0])
     assert MaskSet.load(os.path.join(f"{out}.reinit", "level_02")) == masks[2]
@@ -51,19 +52,7 @@ def test_rigl_masks_are_bitwise_equal_on_two_gloo_ranks(tmp_path):
     import torch
 
     out = tmp_path / "ddp_rigl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        os.path.join(REPO, "tests", "ddp_rigl_worker.py"),
-        str(out),
-        "12",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(os.path.join(REPO, "tests", "ddp_rigl_worker.py"), str(out), "12")
     ranks = [json.load(open(out / f"rank_{r}.json")) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     # The ranks trained on different samples, so their local gradients differed before DDP averaged them.

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import count_violations_of, make_cnn, make_dataset, training_args
+from conftest import StopAt, count_violations_of, make_cnn, make_dataset, training_args
 from transformers import TrainerCallback
 
 import hf_tickets.methods.gradual  # noqa: F401  (registers "gradual" until methods/__init__ imports it)
@@ -159,23 +159,13 @@ def test_config_round_trip(tmp_path):
     assert loaded.hashname() == cfg.hashname()
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-            control.should_save = False
-
-
 def test_resumed_run_prunes_as_an_uninterrupted_one(tmp_path):
     cfg = SparsityConfig(method="gradual", sparsity=0.7, start_step=0, end_step=8, update_interval=2)
     args = dict(save_strategy="steps", save_steps=3)
     full = _trainer(tmp_path / "full", cfg, max_steps=8, **args)
     full.train()
     cut = _trainer(tmp_path / "cut", cfg, max_steps=8, **args)
-    cut.add_callback(_StopAt(5))
+    cut.add_callback(StopAt(5))
     cut.train()  # "killed" after step 5; the last checkpoint is step 3
     resumed = _trainer(tmp_path / "cut", cfg, max_steps=8, **args)
     resumed.train(resume_from_checkpoint=os.path.join(tmp_path / "cut", "checkpoint-3"))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import count_violations_of, make_cnn, make_dataset, training_args
+from conftest import StopAt, count_violations_of, make_cnn, make_dataset, training_args
 from toy_method import ToyConfig, ToyMethod
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
@@ -69,7 +69,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     full.train()
 
     first = _trainer(tmp_path / "cut", max_steps=8, **args)
-    stop = _StopAt(5)
+    stop = StopAt(5)
     first.add_callback(stop)
     first.train()  # "killed" after step 5; the last checkpoint is step 3
     second = _trainer(tmp_path / "cut", max_steps=8, **args)
@@ -87,16 +87,6 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
     assert strip(second.state.log_history) == strip(full.state.log_history)
     assert any(k.startswith("sparsity/") for e in full.state.log_history for k in e)
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-            control.should_save = False
 
 
 def test_restore_callback_states_keeps_the_methods_callback(tmp_path):

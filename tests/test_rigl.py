@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import count_violations_of, make_cnn, make_dataset, training_args
+from conftest import StopAt, count_violations_of, make_cnn, make_dataset, training_args
 from transformers import TrainerCallback
 
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer
@@ -139,12 +139,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     full.train()
     cut = _trainer(tmp_path / "cut", max_steps=12, **args)
 
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 5:
-                control.should_training_stop = True
-
-    cut.add_callback(Stop())
+    cut.add_callback(StopAt(5))
     cut.train()
     resumed = _trainer(tmp_path / "cut", **args)
     resumed.train(resume_from_checkpoint=os.path.join(tmp_path / "cut", "checkpoint-3"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -111,12 +111,7 @@ def initial_weights_digest(model: nn.Module) -> str:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (names, shapes, dtypes and bytes), in state_dict order."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return _tensors_digest(model.state_dict().items())
 
 
 def data_digest(dataset: Any) -> dict[str, Any]:
@@ -134,13 +129,18 @@ def data_digest(dataset: Any) -> dict[str, Any]:
         return out
     tensors = {k: v for k, v in vars(dataset).items() if isinstance(v, torch.Tensor)}
     if tensors:
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-            h.update(f"{name}:{tuple(tensors[name].shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        out["sha256"] = h.hexdigest()
+        out["sha256"] = _tensors_digest(sorted(tensors.items()))
     return out
+
+
+def _tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names, shapes, dtypes and bytes of the tensors, in the order given."""
+    h = hashlib.sha256()
+    for name, tensor in named:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{flat.dtype}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
 
 
 def _has_levels(root: str) -> bool:
