@@ -98,11 +98,15 @@ class SparsityCallback(TrainerCallback, ExportableState):
 
     def enforce_now(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Zero pruned weights (and, with `optimizer`, their optimizer state): after weights or state were loaded."""
-        if self.model is None:
+        if self.model is None or self._method_projects():
             return
         enforcer = self.enforcer()
         enforcer.mask_weights_()
         enforcer.zero_optimizer_state_(optimizer)
+
+    def _method_projects(self) -> bool:
+        """The method trains dense weights and keeps the model at their sparse projection itself (SR-STE)."""
+        return self.method is not None and self.method.keeps_dense_weights
 
     def enforcer(self, model: Optional[nn.Module] = None) -> MaskEnforcer:
         model = model if model is not None else self.model
@@ -155,7 +159,8 @@ class SparsityCallback(TrainerCallback, ExportableState):
         """After the last micro-step's backward: the method sees dense gradients, then they are masked."""
         if self.method is not None:
             self.method.on_dense_grads(model, self.masks, step)
-        self.enforcer(model).mask_grads_()
+        if not self._method_projects():
+            self.enforcer(model).mask_grads_()
         self._grads_masked = True
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -165,13 +170,15 @@ class SparsityCallback(TrainerCallback, ExportableState):
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         model = model if model is not None else self.model
         skipped = bool(getattr(optimizer, "step_was_skipped", False))  # AMP GradScaler found inf/NaN
-        if self.method is not None and not skipped:
+        projects = self._method_projects()
+        if self.method is not None and (not skipped or projects):
             new = self.method.after_optimizer_step(model, self.masks, state.global_step + 1)
             if new is not None:
                 self.set_masks(new, optimizer)
                 control.should_log = True  # every mask update gets its log line (churn, per-layer sparsity)
         # Momentum and weight decay would move pruned weights off zero.
-        self.enforcer(model).mask_weights_()
+        if not projects:
+            self.enforcer(model).mask_weights_()
         self._grads_masked = False
 
     # ---- checkpoint state ------------------------------------------------------------------------------------

@@ -257,6 +257,8 @@ class TicketTrainer(Trainer):
     # ---- saving -----------------------------------------------------------------------------------------------
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        if self.sparsity_callback is not None:  # the method's saved form and its checks (N:M: validate_nm)
+            self.sparsity_method.before_save(self.model, self.masks)
         super()._save(output_dir, state_dict=state_dict)
         if self.sparsity_callback is not None:
             output_dir = output_dir if output_dir is not None else self.args.output_dir

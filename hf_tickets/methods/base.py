@@ -47,6 +47,10 @@ class SparsityMethod:
     config_class: ClassVar[type[SparsityConfig]] = SparsityConfig
     iterative: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    # True for a method that trains dense weights and keeps the model's weights at their sparse projection itself
+    # between optimizer steps (SR-STE): the callback then neither masks gradients nor zeroes weights or optimizer
+    # state, and calls `after_optimizer_step` after a step the GradScaler skipped too (nothing moved: re-project).
+    keeps_dense_weights: bool = False
 
     def __init__(self, config: SparsityConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -78,6 +82,24 @@ class SparsityMethod:
     def next_level_masks(self, model: nn.Module, masks: "MaskSet", level: int) -> "MaskSet":
         """Iterative methods: the masks of `level`, from the model trained at `level - 1` under `masks`."""
         raise NotImplementedError(f"sparsity method {self.name!r} is not iterative")
+
+    def before_save(self, model: nn.Module, masks: "MaskSet") -> None:
+        """Right before the model and its masks are written (every checkpoint and `save_model`): bring the model
+        into its saved form and check it. The default checks an N:M pattern (`hf_tickets.nm.validate_nm`): a
+        group holding more than N nonzeros, or a nonzero pruned weight, raises a ValueError and nothing is
+        written."""
+        if self.config.nm is not None and len(masks):
+            from ..nm import check_tensors
+
+            params = dict(model.named_parameters())
+            dims = masks.metadata.get("nm_dims") or {}
+            if len(dims) < len(masks):
+                from ..nm import nm_dims
+
+                dims = nm_dims(model, list(masks))
+            check_tensors(params, dims, self.config.nm, masks).raise_if_invalid(
+                f"{type(model).__name__} (before saving)"
+            )
 
     def log_metrics(self) -> dict[str, float]:
         """Values added to the next Trainer log line (e.g. mask churn after an update); empty by default."""
