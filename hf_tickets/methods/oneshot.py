@@ -7,6 +7,7 @@ from torch import nn
 from ..allocation import masks_from_scores, nm_masks
 from ..config import SparsityConfig
 from ..masks import MaskSet
+from ..nm import split_nm_targets
 from ..scoring import magnitude_scores, random_scores
 from ..targets import input_dims
 from .base import BatchSource, SparsityMethod, register_method
@@ -22,7 +23,12 @@ class _OneShot(SparsityMethod):
         cfg = self.config
         scores = self.scores(targets)
         if cfg.nm is not None:
-            masks = nm_masks(scores, *cfg.nm, input_dims=input_dims(model, targets))
+            # layers that cannot hold N:M stay dense (logged), or fail when the user named them
+            targets, _ = split_nm_targets(model, targets, cfg.nm, explicit=cfg.target_modules is not None)
+            scores = {name: scores[name] for name in targets}
+            dims = input_dims(model, targets)
+            masks = nm_masks(scores, *cfg.nm, input_dims=dims)
+            return MaskSet(masks, self.mask_metadata(nm_dims=dims))
         else:
             masks = masks_from_scores(scores, cfg.sparsity, scope=cfg.scope, layer_rates=cfg.layer_rates)
         return MaskSet(masks, self.mask_metadata())
