@@ -18,6 +18,8 @@ Part 2, whole training steps, arms:
   ticket_strict   the kernel with write-only stores for every dtype (HF_TICKETS_STRICT_WRITES=1)
   prune           plain Trainer, `torch.nn.utils.prune.custom_from_mask` (mask applied every forward)
   parametrize     plain Trainer with a `torch.nn.utils.parametrize` masking parametrization
+  ticket_2_4      `TicketTrainer` with fixed 2:4 magnitude masks on every Linear weight (the ASP recipe, issue 12)
+  sr_ste          `TicketTrainer` with `method="sr_ste"` (dense weights kept, N:M mask recomputed every step)
 Peak memory is measured first, each arm alone. Then all arms stay resident and take turns in short rounds (order
 reversed every other round), because identical runs on a shared GPU drift over minutes. Every step is timed with
 CUDA events (on_step_begin -> on_step_end), and `MaskEnforcer.mask_grads_` / `mask_weights_` are wrapped at class
@@ -87,11 +89,11 @@ class MaskingTimer:
             original = getattr(MaskEnforcer, name)
             self._originals[name] = original
 
-            def timed(enforcer, _original=original, _name=name):
+            def timed(enforcer, *args, _original=original, _name=name, **kwargs):
                 if self.step is None:
-                    return _original(enforcer)
+                    return _original(enforcer, *args, **kwargs)
                 start = _mark()
-                out = _original(enforcer)
+                out = _original(enforcer, *args, **kwargs)
                 self.pairs.append((self.step, _name, start, _mark()))
                 masker = getattr(enforcer, "_masker", None)
                 if masker is not None:
@@ -159,6 +161,15 @@ class MaskParametrization(nn.Module):
 
 MODEL_CONFIG = BertConfig(num_labels=2)  # BERT-base sizes; --tiny swaps in a small one for CPU smoke runs
 SPARSITY = SparsityConfig(method="magnitude", sparsity=0.9, scope="global")
+NM_SPARSITY = SparsityConfig(method="magnitude", pattern="2:4")  # the ticket_2_4 arm: fixed 2:4 masks
+_NM_MASKS: dict = {}
+
+
+def nm_masks():
+    """The 2:4 magnitude masks of the seed-0 model (computed once)."""
+    if "masks" not in _NM_MASKS:
+        _NM_MASKS["masks"] = apply_sparsity(build_model(0), NM_SPARSITY)
+    return _NM_MASKS["masks"]
 
 
 def build_model(seed: int) -> BertForSequenceClassification:
@@ -407,13 +418,22 @@ def build_arm(arm: str, masks, args_kwargs: dict, dataset, steps: int, out: str,
     args = TrainingArguments(out, max_steps=steps, **args_kwargs)
     # The switches are read when the masks bind to the model's parameters, which TicketTrainer may do at once.
     _set_kernel(arm != "ticket_foreach", strict=arm == "ticket_strict")
-    if arm.startswith("ticket"):
+    if arm == "sr_ste":
         trainer = TicketTrainer(
             model=model,
             args=args,
             train_dataset=dataset,
-            masks=masks.clone(),
-            sparsity_config=SPARSITY,
+            sparsity_config=SparsityConfig(method="sr_ste"),
+            callbacks=[timer],
+        )
+    elif arm.startswith("ticket"):
+        nm = arm == "ticket_2_4"
+        trainer = TicketTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            masks=(nm_masks() if nm else masks).clone(),
+            sparsity_config=NM_SPARSITY if nm else SPARSITY,
             callbacks=[timer],
         )
     else:
@@ -437,7 +457,7 @@ def measure_memory(arm: str, masks, args_kwargs: dict, dataset, steps: int, mask
         trainer, timer = build_arm(arm, masks, args_kwargs, dataset, steps, out, masking)
         train_once(arm, trainer, timer, masking)
         peak = _peak_memory()
-        violations = count_violations(trainer.model, trainer.masks) if arm.startswith("ticket") else 0
+        violations = count_violations(trainer.model, trainer.masks) if arm.startswith(("ticket", "sr_ste")) else 0
     del trainer
     _reset_memory()
     return peak, violations
