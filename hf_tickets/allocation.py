@@ -63,6 +63,7 @@ def masks_from_scores(
     layer_rates: Optional[dict] = None,
     current: Optional[Mapping[str, torch.Tensor]] = None,
     relative: bool = False,
+    max_layer_sparsity: Optional[float] = None,
 ) -> dict[str, torch.Tensor]:
     """Turn scores into boolean masks with exact counts.
 
@@ -73,6 +74,10 @@ def masks_from_scores(
         scope: "global" (one threshold over all tensors) or "layerwise" (one per tensor).
         layer_rates: module regex -> factor on `rate` for layers pruned on their own.
         current: existing masks; entries already pruned stay pruned, so new masks are subsets of them.
+        max_layer_sparsity: no tensor ends sparser than this (`SparsityConfig.max_layer_sparsity`): in a pool of
+            several tensors, each keeps at least its own highest-scoring `ceil((1 - cap) * numel)` entries (or all
+            it has alive) and the rest of the pool's budget goes to the highest scores left, so the pool's count
+            stays exact. Raises ValueError when the pool's count is below what the cap forces.
     """
     names = list(scores)
     check_layer_rates(names, layer_rates)
@@ -91,9 +96,47 @@ def masks_from_scores(
             n_keep = alive - int(round(pool_rate * alive))
         else:
             n_keep = min(alive, numel - int(round(pool_rate * numel)))
-        for name, mask in zip(pool, _keep_top([adjusted[n] for n in pool], n_keep)):
+        pool_scores = [adjusted[n] for n in pool]
+        if max_layer_sparsity is None:
+            kept = _keep_top(pool_scores, n_keep)
+        else:
+            kept = _keep_top_capped(pool, pool_scores, n_keep, max_layer_sparsity, current)
+        for name, mask in zip(pool, kept):
             masks[name] = mask.to(scores[name].device)
     return {n: masks[n] for n in names}
+
+
+def min_kept(numel: int, max_sparsity: float) -> int:
+    """The fewest entries a tensor of `numel` entries keeps with sparsity at most `max_sparsity`."""
+    return numel - math.floor(max_sparsity * numel + 1e-9)
+
+
+def _keep_top_capped(
+    pool: list[str],
+    scores: list[torch.Tensor],
+    n_keep: int,
+    cap: float,
+    current: Optional[Mapping[str, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """`_keep_top` with every tensor keeping at least its `min_kept` highest (alive) entries: those are kept
+    first, and the rest of the `n_keep` budget goes to the highest scores left anywhere in the pool. The result is
+    what one global threshold gives, except that no tensor falls below the cap's count."""
+    forced_counts = []
+    for name, s in zip(pool, scores):
+        alive = s.numel() if current is None else int(current[name].sum())
+        forced_counts.append(min(min_kept(s.numel(), cap), alive))
+    if len(pool) == 1:  # a pool of one tensor was checked against the cap by the config; only rounding differs
+        forced_counts[0] = min(forced_counts[0], n_keep)
+    if sum(forced_counts) > n_keep:
+        raise ValueError(
+            f"max_layer_sparsity={cap} cannot hold: the {len(pool)} tensors pruned together ({pool[:3]}"
+            f"{' ...' if len(pool) > 3 else ''}) must keep {sum(forced_counts)} weights under the cap, but the target "
+            f"keeps {n_keep}. Lower SparsityConfig.sparsity or raise max_layer_sparsity."
+        )
+    forced = [_keep_top([s], k)[0] for s, k in zip(scores, forced_counts)]
+    rest = [s.detach().float().cpu().masked_fill(f, float("-inf")) for s, f in zip(scores, forced)]
+    extra = _keep_top(rest, n_keep - sum(forced_counts))
+    return [f | e for f, e in zip(forced, extra)]
 
 
 def nm_masks(
@@ -159,7 +202,11 @@ def _raw_density(shape: Sequence[int], distribution: str) -> float:
 
 
 def layer_densities(
-    shapes: Mapping[str, Sequence[int]], density: float, distribution: str, dense_layers: Sequence[str] = ()
+    shapes: Mapping[str, Sequence[int]],
+    density: float,
+    distribution: str,
+    dense_layers: Sequence[str] = (),
+    max_layer_sparsity: Optional[float] = None,
 ) -> dict[str, float]:
     """Per-layer densities whose parameter-count-weighted mean is `density`.
 
@@ -170,10 +217,13 @@ def layer_densities(
             (n_in + n_out) / (n_in * n_out) over the first two dims) or `"erk"` (proportional to
             sum(shape) / prod(shape), kernel dims included; Evci et al. 2020).
         dense_layers: exact names of tensors kept dense (density 1); the others share the rest of the budget.
+        max_layer_sparsity: a floor on every layer's density (`SparsityConfig.max_layer_sparsity`): a layer the
+            distribution would make sparser keeps `min_kept(numel, cap)` entries and the others are rescaled.
 
     A layer whose density would exceed 1 is capped at 1 and the others are rescaled, until no density exceeds 1
     (capping only frees budget for the others, so every layer above 1 is capped at once). The weighted mean is
-    exact up to floating point; `counts_from_densities` turns densities into exact integer counts.
+    exact up to floating point; `counts_from_densities` turns densities into exact integer counts. With a floor,
+    the densities are clamp(eps * raw, floor, 1) with the one eps that meets the budget (water filling).
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(
@@ -192,6 +242,8 @@ def layer_densities(
         )
     numel = {name: _numel(shape) for name, shape in shapes.items()}
     total = sum(numel.values())
+    if max_layer_sparsity is not None:
+        return _water_fill(shapes, numel, density, distribution, set(dense_layers), float(max_layer_sparsity))
     dense = set(dense_layers) | {n for n, k in numel.items() if k == 0}
     out: dict[str, float] = {}
     while True:
@@ -215,6 +267,44 @@ def layer_densities(
     for name in shapes:
         out[name] = 1.0 if name in dense else eps * raw[name]
     return out
+
+
+def _water_fill(
+    shapes: Mapping[str, Sequence[int]],
+    numel: Mapping[str, int],
+    density: float,
+    distribution: str,
+    dense: set[str],
+    cap: float,
+) -> dict[str, float]:
+    """Densities clamp(eps * raw, floor, 1) (1 for `dense`) whose weighted sum is `density * total`, where the
+    floor of a layer is min_kept(numel, cap) / numel. The sum is piecewise linear and non-decreasing in eps, so eps
+    is found exactly on the segment between two consecutive breakpoints (floor / raw and 1 / raw)."""
+    total = sum(numel.values())
+    budget = density * total
+    lo = {n: (1.0 if n in dense else min_kept(k, cap) / k) for n, k in numel.items() if k > 0}
+    raw = {n: _raw_density(shapes[n], distribution) for n in lo}
+    need = sum(lo[n] * numel[n] for n in lo)
+    if need > budget + 1e-9 * max(total, 1):
+        raise ValueError(
+            f"SparsityConfig.sparsity={1.0 - density:.6g} cannot be met with max_layer_sparsity={cap}"
+            + (f" and dense_layers={sorted(dense)}" if dense else "")
+            + f": every layer at its floor already keeps {need:.0f} of the {total} weights. Lower the sparsity, raise "
+            "max_layer_sparsity or keep fewer layers dense."
+        )
+
+    def filled(eps: float) -> float:
+        return sum(min(max(eps * raw[n], lo[n]), 1.0) * numel[n] for n in lo)
+
+    points = sorted({0.0} | {lo[n] / raw[n] for n in lo} | {1.0 / raw[n] for n in lo})
+    eps = points[-1]
+    for a, b in zip(points, points[1:]):
+        if filled(b) >= budget:
+            fa, fb = filled(a), filled(b)
+            eps = a if fb == fa else a + (budget - fa) * (b - a) / (fb - fa)
+            break
+    out = {n: 1.0 if k == 0 else min(max(eps * raw[n], lo[n]), 1.0) for n, k in numel.items()}
+    return {n: out[n] for n in shapes}
 
 
 def counts_from_densities(

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from transformers.utils import PushToHubMixin
 
@@ -17,17 +17,29 @@ CONFIG_NAME = "sparsity_config.json"
 
 PATTERNS_HELP = '"unstructured", or "N:M" such as "2:4" (N kept weights in every group of M)'
 SCOPES = ("global", "layerwise")
+# The sanity-check controls of Frankle et al. 2021 ("Pruning Neural Networks at Initialization: Why are We Missing
+# the Mark?"): shuffle each tensor's mask, re-initialise the weights, or keep the lowest-scoring weights instead.
+SANITY_CHECKS = ("shuffle", "reinit", "invert")
 
 # method name -> its config class (SparsityConfig or a subclass with the method's own fields). Filled by
 # `hf_tickets.methods.register_method`; kept here so that config stays a leaf that imports no method.
 _CONFIG_CLASSES: dict[str, type["SparsityConfig"]] = {}
+# method name -> the sanity checks it supports (its method class's `sanity_checks`), same origin.
+_SANITY_SUPPORT: dict[str, tuple[str, ...]] = {}
 
 
-def register_config_class(name: str, config_cls: type["SparsityConfig"]) -> None:
-    """Make `SparsityConfig(method=name, ...)` and `from_pretrained` build `config_cls`."""
+def register_config_class(name: str, config_cls: type["SparsityConfig"], sanity_checks: tuple[str, ...] = ()) -> None:
+    """Make `SparsityConfig(method=name, ...)` and `from_pretrained` build `config_cls`; `sanity_checks` are the
+    values of `SparsityConfig.sanity_check` the method accepts."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, SparsityConfig)):
         raise TypeError(f"the config class of method {name!r} must subclass SparsityConfig, got {config_cls!r}.")
+    unknown = sorted(set(sanity_checks) - set(SANITY_CHECKS))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} declares unknown sanity checks {unknown}: use some of {list(SANITY_CHECKS)}."
+        )
     _CONFIG_CLASSES[name] = config_cls
+    _SANITY_SUPPORT[name] = tuple(sanity_checks)
 
 
 def _known_methods() -> tuple[str, ...]:
@@ -66,6 +78,16 @@ class SparsityConfig(PushToHubMixin):
             factor. Matching layers are pruned on their own at `sparsity * factor`; 0.5 is the LTH papers' "output
             layer at half rate"; 0 leaves the layer dense.
         seed: seed of every random choice (random masks, random re-initialisation), shared by all ranks.
+        max_layer_sparsity: a cap on every targeted tensor's sparsity, in (0, 1]. With a shared ("global")
+            threshold, a tensor that would be pruned beyond it keeps its highest-scoring weights up to the cap and
+            the other tensors of the pool are pruned more, so the overall sparsity stays exact (layer collapse
+            cannot happen); RigL/SET/static give it as a floor on each layer's density. A target that no
+            allocation can meet under the cap (e.g. `sparsity` above it) is an error before training.
+        sanity_check: a control of Frankle et al. 2021 for masks chosen at initialization (methods whose class
+            lists it in `sanity_checks`: magnitude, snip, grasp, synflow): `"shuffle"` permutes each tensor's
+            mask at random (per-tensor counts kept), `"reinit"` keeps the masks and re-initialises the weights
+            with the model's own init scheme, `"invert"` keeps the lowest-scoring weights instead of the highest.
+            Seeded by `seed`.
 
     Method-specific fields live on the method's own config class (e.g. `IMPConfig` for `"imp"`: `prune_fraction`,
     `levels`, `rewind`, `rewind_step`). `SparsityConfig(method="imp", levels=5)` builds that class, so one call
@@ -97,6 +119,20 @@ class SparsityConfig(PushToHubMixin):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for every random choice; identical on all ranks."})
+    max_layer_sparsity: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Cap on each targeted tensor's sparsity, in (0, 1]; the excess goes to the other tensors so the "
+            "overall sparsity stays exact (guards against layer collapse)."
+        },
+    )
+    sanity_check: Optional[Literal["shuffle", "reinit", "invert"]] = field(
+        default=None,
+        metadata={
+            "help": "Control of Frankle et al. 2021 for masks chosen at init: shuffle (each tensor's mask permuted), "
+            "reinit (fresh weights, same masks) or invert (keep the lowest scores)."
+        },
+    )
 
     # A method whose masks need no `sparsity` (IMP's levels, N:M's pattern) sets this to False on its config class.
     sparsity_required: ClassVar[bool] = True
@@ -195,7 +231,60 @@ class SparsityConfig(PushToHubMixin):
                     )
         if not isinstance(self.seed, int):
             raise ValueError(f"SparsityConfig.seed must be an int, got {self.seed!r}.")
+        self._validate_sanity_check()
         self.validate_method()
+        if self.max_layer_sparsity is not None:
+            cap = self.max_layer_sparsity
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (0.0 < float(cap) <= 1.0):
+                raise ValueError(
+                    f"SparsityConfig.max_layer_sparsity={cap!r} is outside (0, 1]: give the highest sparsity any one "
+                    "targeted tensor may reach, e.g. 0.99."
+                )
+            self.max_layer_sparsity = float(cap)
+            self.check_layer_cap()
+
+    def _validate_sanity_check(self) -> None:
+        value = self.sanity_check
+        if value is None:
+            return
+        if value not in SANITY_CHECKS:
+            raise ValueError(
+                f"SparsityConfig.sanity_check={value!r} is unknown: choose one of {list(SANITY_CHECKS)} (or leave it "
+                "unset)."
+            )
+        if value == "shuffle" and self.pattern != "unstructured":
+            raise ValueError(
+                f"SparsityConfig.sanity_check='shuffle' permutes whole masks, which breaks pattern={self.pattern!r}'s "
+                "groups: use it with unstructured masks."
+            )
+        if value not in _SANITY_SUPPORT.get(self.method, ()):
+            supported = [m for m, checks in sorted(_SANITY_SUPPORT.items()) if value in checks]
+            raise ValueError(
+                f"SparsityConfig.sanity_check={value!r} is not supported by method={self.method!r}: it is a control "
+                "for masks chosen once at initialization, supported by method="
+                + " / ".join(repr(m) for m in supported)
+                + "."
+            )
+
+    def check_layer_cap(self) -> None:
+        """Raise when no allocation meets the target with every tensor at most `max_layer_sparsity` sparse.
+
+        Every pool of tensors sharing a threshold ends at `sparsity` (pools of `layer_rates` at `sparsity` times
+        their factor), so a pool rate above the cap cannot be met; IMP overrides this with its per-level rates."""
+        cap = self.max_layer_sparsity
+        nm = self.nm
+        final = 1.0 - nm[0] / nm[1] if nm is not None else self.sparsity
+        if final is not None and final > cap + 1e-12:
+            raise ValueError(
+                f"SparsityConfig.sparsity={final:.6g} cannot be met with max_layer_sparsity={cap}: if no tensor is "
+                "sparser than the cap, neither is the whole model. Raise max_layer_sparsity or lower the sparsity."
+            )
+        for pattern, factor in (self.layer_rates or {}).items():
+            if final is not None and final * float(factor) > cap + 1e-12:
+                raise ValueError(
+                    f"SparsityConfig.layer_rates[{pattern!r}]={factor} prunes its layers to "
+                    f"{final * float(factor):.6g}, above max_layer_sparsity={cap}: lower the factor or raise the cap."
+                )
 
     def validate_method(self) -> None:
         """Checks of a method's own fields: config classes of methods override this (called by `validate`)."""

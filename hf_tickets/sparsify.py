@@ -11,13 +11,15 @@ from .config import SparsityConfig
 from .enforce import apply_masks_
 from .masks import MaskSet
 from .methods import BatchSource, SparsityMethod, build_method
+from .sanity import apply_sanity_check
 from .targets import resolve_targets
 
 MASKS_ATTR = "hf_tickets_masks"
 
 
 def initial_masks(model: nn.Module, method: SparsityMethod, batches: BatchSource = None) -> MaskSet:
-    """The masks `method` starts training `model` with (no weight is changed)."""
+    """The masks `method` starts training `model` with. No weight is changed, except under
+    `sanity_check="reinit"`, which re-initialises the model in place after its masks were chosen."""
     config = method.config
     targets = resolve_targets(model, config)
     # Checked here, not only in allocation, so that every method (N:M ones too) rejects a key matching nothing.
@@ -29,7 +31,8 @@ def initial_masks(model: nn.Module, method: SparsityMethod, batches: BatchSource
             f"method={config.method!r} scores weights on training batches: give the trainer a train_dataset (or pass "
             "batches= to apply_sparsity)."
         )
-    return method.initial_masks(model, targets, batches)
+    masks = method.initial_masks(model, targets, batches)
+    return apply_sanity_check(model, masks, config)
 
 
 def apply_sparsity(

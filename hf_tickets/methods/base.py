@@ -41,6 +41,10 @@ class SparsityMethod:
             validation in `validate_method`).
         iterative: trained level by level (train, `next_level_masks`, rewind, train again) by `hf_tickets.lottery`.
         needs_data: `initial_masks` reads training batches (SNIP, GraSP): it gets `batches` from the trainer.
+        sanity_checks: the values of `SparsityConfig.sanity_check` the method accepts (Frankle et al. 2021's
+            controls, for masks chosen once at initialization). `"shuffle"` and `"reinit"` are applied to any
+            method's initial masks by `hf_tickets.sparsify` (see `hf_tickets.sanity`); `"invert"` is the method's
+            own job: rank by `hf_tickets.sanity.oriented(scores, config)` so that the lowest scores are kept.
     """
 
     name: ClassVar[str] = ""
@@ -51,6 +55,7 @@ class SparsityMethod:
     # between optimizer steps (SR-STE): the callback then neither masks gradients nor zeroes weights or optimizer
     # state, and calls `after_optimizer_step` after a step the GradScaler skipped too (nothing moved: re-project).
     keeps_dense_weights: bool = False
+    sanity_checks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: SparsityConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -135,7 +140,11 @@ class SparsityMethod:
     def mask_metadata(self, **extra: object) -> dict[str, object]:
         """What is stored with the masks: the method and the config fields that shaped them."""
         cfg = self.config
-        return {"method": self.name, "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed, **extra}
+        meta = {"method": self.name, "pattern": cfg.pattern, "scope": cfg.scope, "seed": cfg.seed}
+        for name in ("max_layer_sparsity", "sanity_check"):  # only when set: older mask files stay as they were
+            if getattr(cfg, name, None) is not None:
+                meta[name] = getattr(cfg, name)
+        return {**meta, **extra}
 
 
 def register_method(
@@ -150,7 +159,7 @@ def register_method(
     previous = _REGISTRY.get(name)
     if previous is not None and (previous is not method_cls or previous.config_class is not config_cls):
         raise ValueError(f"sparsity method {name!r} is already registered by {previous.__name__}")
-    register_config_class(name, config_cls)
+    register_config_class(name, config_cls, method_cls.sanity_checks)
     method_cls.name = name
     method_cls.config_class = config_cls
     _REGISTRY[name] = method_cls

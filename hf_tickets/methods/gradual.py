@@ -136,7 +136,12 @@ class GradualMagnitudePruning(SparsityMethod):
         """Masks at `sparsity` (per pool, as magnitude pruning) keeping only weights alive in `current`."""
         cfg = self.config
         return masks_from_scores(
-            magnitude_scores(targets), sparsity, scope=cfg.scope, layer_rates=cfg.layer_rates, current=current
+            magnitude_scores(targets),
+            sparsity,
+            scope=cfg.scope,
+            layer_rates=cfg.layer_rates,
+            current=current,
+            max_layer_sparsity=cfg.max_layer_sparsity,
         )
 
     def _metadata(self, step: int, target: float) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 from ..allocation import masks_from_scores
 from ..config import SparsityConfig
 from ..masks import MaskSet
+from ..sanity import oriented
 from ._at_init import check_int, check_unstructured, grads, model_loss, requiring_grad, take_batches, untouched
 from .base import BatchSource, SparsityMethod, register_method
 
@@ -71,12 +72,19 @@ class GraSP(SparsityMethod):
     """Prune the weights whose removal least reduces gradient flow: the largest −θ ⊙ Hg."""
 
     needs_data = True
+    sanity_checks = ("shuffle", "reinit", "invert")
 
     def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
         scores = grasp_scores(model, targets, take_batches(batches, cfg.score_batches, "grasp"))
         keep = {n: -s for n, s in scores.items()}  # masks_from_scores keeps the highest: keep the smallest S
-        masks = masks_from_scores(keep, cfg.sparsity, scope=cfg.scope, layer_rates=cfg.layer_rates)
+        masks = masks_from_scores(
+            oriented(keep, cfg),  # invert: keep the largest S, the weights GraSP would prune first
+            cfg.sparsity,
+            scope=cfg.scope,
+            layer_rates=cfg.layer_rates,
+            max_layer_sparsity=cfg.max_layer_sparsity,
+        )
         return MaskSet(masks, self.mask_metadata(score_batches=cfg.score_batches))
 
 

@@ -115,6 +115,22 @@ class IMPConfig(SparsityConfig):
         """`layer_rates` factors multiply the per-level fraction."""
         return self.prune_fraction
 
+    def check_layer_cap(self) -> None:
+        """The last level's sparsity of every pool, 1 - (1 - rate)**levels, must stay within `max_layer_sparsity`:
+        checked here so that a run never stops at the level that would break the cap."""
+        cap, levels = self.max_layer_sparsity, self.num_levels()
+        pools = {"the global pool": self.prune_fraction}
+        for key, factor in (self.layer_rates or {}).items():
+            pools[f"layer_rates[{key!r}]"] = self.prune_fraction * float(factor)
+        for what, rate in pools.items():
+            final = 1.0 - (1.0 - rate) ** levels
+            if final > cap + 1e-12:
+                raise ValueError(
+                    f"SparsityConfig.max_layer_sparsity={cap} cannot hold: after {levels} levels of "
+                    f"{rate:.4g} per level, {what} reaches sparsity {final:.6g}. Use fewer levels (or a lower "
+                    "sparsity target), or raise max_layer_sparsity."
+                )
+
 
 class IterativeMagnitudePruning(SparsityMethod):
     iterative = True
@@ -136,6 +152,7 @@ class IterativeMagnitudePruning(SparsityMethod):
             layer_rates=cfg.layer_rates,
             current=masks,
             relative=True,
+            max_layer_sparsity=cfg.max_layer_sparsity,
         )
         return MaskSet(new, self._metadata(level=level))
 

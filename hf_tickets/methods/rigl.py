@@ -107,7 +107,13 @@ class StaticSparse(SparsityMethod):
                 f"{type(cfg).__name__}.dense_layers names {unknown}, which are not targeted parameters: use names "
                 f"such as {list(shapes)[:3]}."
             )
-        densities = layer_densities(shapes, 1.0 - cfg.sparsity, cfg.distribution, dense_layers=cfg.dense_layers or ())
+        densities = layer_densities(
+            shapes,
+            1.0 - cfg.sparsity,
+            cfg.distribution,
+            dense_layers=cfg.dense_layers or (),
+            max_layer_sparsity=cfg.max_layer_sparsity,
+        )
         counts = counts_from_densities(shapes, densities)
         generator = torch.Generator().manual_seed(cfg.seed)  # the initial mask: same seed, same mask, any device
         masks = random_masks_with_counts(shapes, counts, generator)

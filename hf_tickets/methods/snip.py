@@ -27,6 +27,7 @@ from torch import nn
 from ..allocation import masks_from_scores
 from ..config import SparsityConfig
 from ..masks import MaskSet
+from ..sanity import oriented
 from ._at_init import (
     check_int,
     check_unstructured,
@@ -82,14 +83,22 @@ class SNIP(SparsityMethod):
     """Keep the weights with the largest connection sensitivity |θ ⊙ ∂L/∂θ|."""
 
     needs_data = True
+    sanity_checks = ("shuffle", "reinit", "invert")
 
     def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
         data = take_batches(batches, cfg.score_batches, "snip")
         masks = None
         for rate in schedule_rates(cfg.sparsity, cfg.iterations):
-            scores = snip_scores(model, targets, data, masks)
-            masks = masks_from_scores(scores, rate, scope=cfg.scope, layer_rates=cfg.layer_rates, current=masks)
+            scores = oriented(snip_scores(model, targets, data, masks), cfg)  # invert: every round
+            masks = masks_from_scores(
+                scores,
+                rate,
+                scope=cfg.scope,
+                layer_rates=cfg.layer_rates,
+                current=masks,
+                max_layer_sparsity=cfg.max_layer_sparsity,
+            )
         return MaskSet(masks, self.mask_metadata(score_batches=cfg.score_batches, iterations=cfg.iterations))
 
 

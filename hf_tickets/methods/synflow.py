@@ -28,6 +28,7 @@ from torch import nn
 from ..allocation import masks_from_scores
 from ..config import SparsityConfig
 from ..masks import MaskSet
+from ..sanity import oriented
 from ._at_init import check_int, check_unstructured, schedule_rates
 from .base import BatchSource, SparsityMethod, register_method
 
@@ -162,6 +163,7 @@ class SynFlow(SparsityMethod):
     """Iterative synaptic-flow pruning without data."""
 
     needs_data = False
+    sanity_checks = ("shuffle", "reinit", "invert")
 
     def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
@@ -173,8 +175,15 @@ class SynFlow(SparsityMethod):
             net = linearized_copy(model, cfg.double)  # one copy for all rounds; the model is never touched
             for rate in schedule_rates(cfg.sparsity, cfg.iterations):
                 scores = _copy_scores(net, names, shape, main, masks)
-                scores = {n: s.float().to(targets[n].device) for n, s in scores.items()}
-                masks = masks_from_scores(scores, rate, scope=cfg.scope, layer_rates=cfg.layer_rates, current=masks)
+                scores = oriented({n: s.float().to(targets[n].device) for n, s in scores.items()}, cfg)
+                masks = masks_from_scores(  # invert: the lowest scores kept in every round
+                    scores,
+                    rate,
+                    scope=cfg.scope,
+                    layer_rates=cfg.layer_rates,
+                    current=masks,
+                    max_layer_sparsity=cfg.max_layer_sparsity,
+                )
             del net
         return MaskSet(masks, self.mask_metadata(iterations=cfg.iterations))
 
