@@ -4,6 +4,8 @@ from .callbacks import SparsityCallback
 from .config import SparsityConfig
 from .masks import MaskSet, load_masks
 from .methods import IMPConfig, SparsityMethod, register_method
+from .peft_interop import enable_masked_lora
+from .peft_merge import MergeReport, load_sparse_adapter, merge_adapters, save_sparse_adapter
 from .sparsify import apply_sparsity
 from .trainer import TicketTrainer
 from .version import __version__
@@ -11,12 +13,17 @@ from .version import __version__
 __all__ = [
     "IMPConfig",
     "MaskSet",
+    "MergeReport",
     "SparsityCallback",
     "SparsityConfig",
     "SparsityMethod",
     "TicketTrainer",
     "__version__",
     "apply_sparsity",
+    "enable_masked_lora",
     "load_masks",
+    "load_sparse_adapter",
+    "merge_adapters",
     "register_method",
+    "save_sparse_adapter",
 ]

@@ -59,11 +59,23 @@ class MaskEnforcer:
             self._device = self._params[0].device if self._params else None
         return self._params, self._masker
 
-    def mask_weights_(self) -> None:
-        """Zero every pruned weight in place."""
+    def mask_weights_(self, trainable_only: bool = False) -> None:
+        """Zero every pruned weight in place.
+
+        `trainable_only` (the per-step call after `optimizer.step`) leaves out parameters with
+        `requires_grad=False`: the optimizer never moves them (they get no gradient), so a frozen sparse base, as under
+        LoRA, stays exactly sparse from the last full pass (mask change, train begin) at no per-step cost.
+        """
         params, masker = self._bound()
-        if params:
-            masker.zero_pruned_(params)
+        if not params:
+            return
+        if trainable_only:
+            trainable = [i for i, p in enumerate(params) if p.requires_grad]
+            if len(trainable) < len(params):
+                if trainable:
+                    masker.subset(trainable).zero_pruned_([params[i] for i in trainable])
+                return
+        masker.zero_pruned_(params)
 
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights in place; parameters without a gradient are skipped."""

@@ -11,6 +11,8 @@ from .config import SparsityConfig
 from .enforce import apply_masks_
 from .masks import MaskSet
 from .methods import BatchSource, SparsityMethod, build_method
+from .peft_interop import bind_masks
+from .peft_methods import prepare_method
 from .sanity import apply_sanity_check
 from .targets import resolve_targets
 
@@ -46,8 +48,9 @@ def apply_sparsity(
     `TicketTrainer` picks them up.
     """
     if masks is None:
-        masks = initial_masks(model, build_method(config), batches)
+        masks = initial_masks(model, prepare_method(model, build_method(config)), batches)
     masks.validate_for(model)
     apply_masks_(model, masks)
+    bind_masks(model, masks)  # a masked-LoRA model keeps its adapters' updates inside these masks
     object.__setattr__(model, MASKS_ATTR, masks)
     return masks

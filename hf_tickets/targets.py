@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Union
 from torch import nn
 
 from .config import SparsityConfig
+from .peft_interop import adapter_parameter_ids, base_parameter_name
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,15 @@ DEFAULT_TARGET_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Co
 
 
 def module_matches(name: str, spec: Union[str, Iterable[str]]) -> bool:
-    """peft's rule: a string is a regex that must fully match; a list matches exactly or as a `.`-suffix."""
+    """peft's rule: a string is a regex that must fully match; a list matches exactly or as a `.`-suffix.
+
+    Inside a peft model a name also matches as the base model's name ('base_model.model.' and '.base_layer' left
+    out), so the names a user wrote for the base model keep working after `get_peft_model`."""
+    names = {name, base_parameter_name(name)}
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == key or name.endswith("." + key) for key in spec)
+        return any(re.fullmatch(spec, n) is not None for n in names)
+    spec = list(spec)
+    return any(n == key or n.endswith("." + key) for n in names for key in spec)
 
 
 def _embedding_weight_ids(model: nn.Module) -> set[int]:
@@ -39,15 +45,21 @@ def resolve_targets(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Pa
     Without `target_modules`, the weights of Linear / Conv / Conv1D modules are targeted, classifier and LM heads
     included, except a head whose weight is tied to an input embedding (pruning it would prune the embedding).
     Biases, norms and embeddings are only pruned when `target_modules` names their module explicitly.
+
+    On a peft model the targets are the base model's weights, reached through peft's wrappers (a LoRA layer's
+    `base_layer.weight`; naming the wrapper, e.g. `query`, targets its base weight). Adapter weights (`lora_A`,
+    `lora_B`, ...) and `modules_to_save` copies are never targeted, even by a `target_modules` regex that
+    matches them: they stay dense and trainable.
     """
     explicit = config.target_modules is not None
     embedding_ids = _embedding_weight_ids(model)
+    adapter_ids = adapter_parameter_ids(model)
     param_ids: dict[int, str] = {id(p): n for n, p in model.named_parameters()}
     chosen: dict[int, str] = {}
     matched_any = False
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or id(weight) not in param_ids:
+        if not isinstance(weight, nn.Parameter) or id(weight) not in param_ids or id(weight) in adapter_ids:
             continue
         if explicit:
             if not module_matches(module_name, config.target_modules):
@@ -65,6 +77,7 @@ def resolve_targets(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Pa
             f"SparsityConfig.target_modules={config.target_modules!r} matches no module with a weight in "
             f"{type(model).__name__}: use module names from model.named_modules(), e.g. "
             f"{_example_names(model)}."
+            + (" peft adapter weights (lora_A, lora_B, modules_to_save) are never pruned." if adapter_ids else "")
         )
     if not chosen and not explicit and config.exclude_modules is None:
         # Trainer takes any nn.Module; a model without Linear/Conv weights trains dense, as it would there.
