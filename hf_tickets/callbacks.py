@@ -15,6 +15,7 @@ from transformers.trainer_callback import ExportableState
 from .enforce import MaskEnforcer
 from .masks import MaskSet
 from .methods import BatchSource, SparsityMethod
+from .peft_interop import bind_masks
 from .sparsify import initial_masks
 from .targets import input_dims
 
@@ -79,6 +80,7 @@ class SparsityCallback(TrainerCallback, ExportableState):
         """Enforce `masks` from now on: zero the pruned weights at once (and their optimizer state)."""
         self.masks = masks
         self._enforcer = None
+        bind_masks(self.model, masks)  # masked LoRA keeps adapter updates inside the masks enforced now
         self._summarise()
         self._warn_if_collapsed()
         self.enforce_now(optimizer)
@@ -176,9 +178,9 @@ class SparsityCallback(TrainerCallback, ExportableState):
             if new is not None:
                 self.set_masks(new, optimizer)
                 control.should_log = True  # every mask update gets its log line (churn, per-layer sparsity)
-        # Momentum and weight decay would move pruned weights off zero.
+        # Momentum and weight decay would move pruned weights off zero (frozen weights get no step: left out).
         if not projects:
-            self.enforcer(model).mask_weights_()
+            self.enforcer(model).mask_weights_(trainable_only=True)
         self._grads_masked = False
 
     # ---- checkpoint state ------------------------------------------------------------------------------------

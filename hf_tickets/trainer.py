@@ -22,6 +22,7 @@ from .checkpoints import last_complete_checkpoint
 from .config import SparsityConfig
 from .masks import MASKS_NAME, MaskSet
 from .methods import SparsityMethod, build_method
+from .peft_methods import prepare_method
 from .sparsify import MASKS_ATTR
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class TicketTrainer(Trainer):
                     "engine='batched' runs IMP experiments: pass sparsity_config=SparsityConfig(method='imp', ...)."
                 )
             return
-        self.sparsity_method = build_method(sparsity_config)
+        # A peft model: rejects combinations that cannot hold, and scores W + ΔW of its LoRA layers.
+        self.sparsity_method = prepare_method(self.model, build_method(sparsity_config))
         if engine == "batched" and not self.sparsity_method.iterative:
             raise ValueError(
                 f"engine='batched' runs iterative experiments (method='imp'), got method={sparsity_config.method!r}: "
