@@ -41,7 +41,14 @@ REQUIRED = {
     "vgg16_cifar10.yaml",
     "bert_rotten_tomatoes.yaml",
     "vit_mnist.yaml",
+    # pruning at initialization (issue 13): one recipe per model, the method and sparsity chosen by override
+    "lenet300_mnist_at_init.yaml",
+    "lenet5_fashion_mnist_at_init.yaml",
+    "conv6_cifar10_at_init.yaml",
+    "resnet20_cifar10_at_init.yaml",
 }
+AT_INIT_RECIPES = sorted(n for n in RECIPES if n.endswith("_at_init.yaml"))
+AT_INIT_METHODS = ("snip", "grasp", "synflow", "random")
 
 
 def shrink(name: str, output_dir, controls: bool = False) -> list[str]:
@@ -90,8 +97,9 @@ def test_recipe_parses(name):
     config = SparsityConfig(**recipe["sparsity"])
     if config.method == "imp":
         assert config.num_levels() >= 1
-    else:  # one sparse training run at a fixed sparsity: RigL, SET, static random
-        assert config.method in ("rigl", "set", "static") and 0 < config.sparsity < 1
+    else:  # one sparse training run at a fixed sparsity: RigL, SET, static random, pruning at init
+        assert config.method in ("rigl", "set", "static", "snip", "grasp", "synflow", "magnitude", "random")
+        assert 0 < config.sparsity < 1
         assert not recipe.get("controls"), "LTH controls belong to IMP recipes"
     args = TrainingArguments(**{**recipe["training"], "use_cpu": True})
     assert args.output_dir == recipe["training"]["output_dir"]
@@ -149,6 +157,34 @@ def _check_sparse_run(name, out):
     masks = load_masks(str(ticket))
     assert masks.sparsity() == pytest.approx(recipe["sparsity"]["sparsity"], abs=1e-3)
     assert SparsityConfig.from_pretrained(str(ticket)).method == recipe["sparsity"]["method"]
+
+
+@pytest.mark.parametrize("name", AT_INIT_RECIPES)
+def test_at_init_recipes_take_every_method_sparsity_control_and_cap(name):
+    """The issue's grid (each method at 90% and 98%) and the controls are overrides of one recipe per model."""
+    path = str(REPO / "recipes" / name)
+    text = (REPO / "recipes" / name).read_text(encoding="utf-8")
+    assert "sparsity.method=" in text and "sparsity.sanity_check=" in text and "max_layer_sparsity" in text
+    for method in AT_INIT_METHODS:
+        for sparsity in (0.9, 0.98):
+            recipe = load_recipe(path, [f"sparsity.method={method}", f"sparsity.sparsity={sparsity}"])
+            config = SparsityConfig(**recipe["sparsity"])
+            assert (config.method, config.sparsity) == (method, sparsity)
+        if method != "random":
+            for check in ("shuffle", "reinit", "invert"):
+                recipe = load_recipe(path, [f"sparsity.method={method}", f"sparsity.sanity_check={check}"])
+                assert SparsityConfig(**recipe["sparsity"]).sanity_check == check
+    capped = load_recipe(path, ["sparsity.sparsity=0.98", "sparsity.max_layer_sparsity=0.99"])
+    assert SparsityConfig(**capped["sparsity"]).max_layer_sparsity == 0.99
+
+
+@pytest.mark.parametrize("method", AT_INIT_METHODS)
+@pytest.mark.parametrize("name", ["lenet300_mnist_at_init.yaml", "lenet5_fashion_mnist_at_init.yaml"])
+def test_at_init_recipes_build_each_methods_masks_at_98(name, method, tmp_path):
+    overrides = shrink(name, tmp_path / "run") + [f"sparsity.method={method}", "sparsity.sparsity=0.98"]
+    trainer = build_trainer(load_recipe(str(REPO / "recipes" / name), overrides))
+    assert trainer.masks.sparsity() == pytest.approx(0.98, abs=1e-5)
+    assert trainer.masks.metadata["method"] == method
 
 
 def test_recipe_runs_with_controls(tmp_path):
