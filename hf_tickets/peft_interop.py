@@ -238,7 +238,7 @@ def enable_masked_lora(model: nn.Module, masks: Optional[MaskSet] = None) -> Mas
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no LoRA layer: wrap it with peft.get_peft_model(model, LoraConfig(...)) first."
+            f"{type(model).__name__} has no LoRA layer: wrap it with peft.get_peft_model(model, LoraConfig(...))."
         )
     from peft.tuners.lora.layer import Linear
 

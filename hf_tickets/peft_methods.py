@@ -29,6 +29,15 @@ def prepare_method(model: nn.Module, method: SparsityMethod) -> SparsityMethod:
 def check_method(model: nn.Module, method: SparsityMethod) -> None:
     """Reject a method that cannot work on this peft model's base weights, before anything is trained."""
     cfg = method.config
+    if method.iterative:
+        # The lottery runner rewinds each level from the previous level folder's model.safetensors; a peft model
+        # saves adapter_model.safetensors there, so level 1 would fail after level 0 was trained.
+        raise ValueError(
+            f"SparsityConfig.method={cfg.method!r} trains level by level through hf_tickets.lottery, which cannot yet "
+            "rewind a peft model (its level folders hold adapters, not model.safetensors). Prune the LoRA base with "
+            "method='gradual' (magnitude pruning of W + ΔW during training), 'magnitude' or an N:M pattern; or run "
+            "IMP on the base model without adapters."
+        )
     reads_grads = type(method).on_dense_grads is not SparsityMethod.on_dense_grads
     if cfg.method in GROWING_METHODS or reads_grads:
         targets = resolve_targets(model, cfg)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
+from conftest import make_bert, make_dataset, training_args  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from conftest import make_bert, make_dataset, training_args  # noqa: E402
 from hf_tickets import (  # noqa: E402
     SparsityConfig,
     TicketTrainer,
@@ -28,7 +28,10 @@ from hf_tickets import (  # noqa: E402
 )
 from hf_tickets.enforce import count_violations  # noqa: E402
 from hf_tickets.kernels import MultiTensorMasker  # noqa: E402
+from hf_tickets.methods import build_method  # noqa: E402
 from hf_tickets.peft_interop import effective_weights, masks_for  # noqa: E402
+from hf_tickets.peft_methods import OnEffectiveWeights  # noqa: E402
+from hf_tickets.sparsify import initial_masks  # noqa: E402
 from hf_tickets.targets import resolve_targets  # noqa: E402
 
 LORA_MODULES = ["query", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -213,15 +216,13 @@ def test_nm_pattern_valid_after_merge():
 def test_imp_scores_the_effective_weight_and_restores_w():
     model = lora_bert()
     randomize_adapters(model, std=1.0)
-    trainer = TicketTrainer(
-        model=model,
-        args=training_args("unused"),
-        train_dataset=make_dataset("bert"),
-        sparsity_config=SparsityConfig(method="imp", prune_fraction=0.5, levels=1, scope="layerwise"),
-    )
-    level0 = trainer.masks
+    # IMP's level-end scoring, wrapped as prepare_method wraps methods for peft models (TicketTrainer rejects IMP
+    # on them until the lottery runner can rewind adapters: see the test below).
+    config = SparsityConfig(method="imp", prune_fraction=0.5, levels=1, scope="layerwise")
+    method = OnEffectiveWeights(build_method(config))
+    level0 = initial_masks(model, method)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    new = trainer.sparsity_method.next_level_masks(model, level0, 1)
+    new = method.next_level_masks(model, level0, 1)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name  # W is put back exactly
     with effective_weights(model):
@@ -256,14 +257,15 @@ def test_rigl_trains_a_base_that_is_not_frozen(tmp_path):
 # ---- combinations that cannot hold -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["rigl", "set"])
-def test_regrowing_methods_on_a_frozen_base_are_rejected(method, tmp_path):
-    with pytest.raises(ValueError, match="frozen"):
+@pytest.mark.parametrize("method", ["rigl", "set", "imp"])
+def test_methods_that_cannot_hold_on_a_lora_base_are_rejected(method, tmp_path):
+    extra = {"levels": 1} if method == "imp" else {"sparsity": 0.5}
+    with pytest.raises(ValueError, match="cannot yet rewind a peft model" if method == "imp" else "frozen"):
         TicketTrainer(
             model=lora_bert(),
             args=training_args(tmp_path),
             train_dataset=make_dataset("bert"),
-            sparsity_config=SparsityConfig(method=method, sparsity=0.5),
+            sparsity_config=SparsityConfig(method=method, **extra),
         )
 
 
