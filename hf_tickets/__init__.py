@@ -2,7 +2,9 @@
 
 from .callbacks import SparsityCallback
 from .config import SparsityConfig
+from .export import InferenceReport, sparse_inference
 from .masks import MaskSet, load_masks
+from .nm import NMReport, validate_nm
 from .methods import IMPConfig, SparsityMethod, register_method
 from .peft_interop import enable_masked_lora
 from .peft_merge import MergeReport, load_sparse_adapter, merge_adapters, save_sparse_adapter
@@ -12,7 +14,9 @@ from .version import __version__
 
 __all__ = [
     "IMPConfig",
+    "InferenceReport",
     "MaskSet",
+    "NMReport",
     "MergeReport",
     "SparsityCallback",
     "SparsityConfig",
@@ -25,5 +29,7 @@ __all__ = [
     "load_sparse_adapter",
     "merge_adapters",
     "register_method",
+    "sparse_inference",
+    "validate_nm",
     "save_sparse_adapter",
 ]

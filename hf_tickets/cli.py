@@ -49,8 +49,12 @@ def _cmd_run(opts: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(opts: argparse.Namespace) -> int:
-    from .masks import load_masks
+    import os
 
+    from .masks import MASKS_NAME, load_masks
+
+    if opts.pattern and os.path.isdir(opts.path) and not os.path.isfile(os.path.join(opts.path, MASKS_NAME)):
+        return _inspect_nm(opts, None)  # a folder without masks: its zeros alone
     masks = load_masks(opts.path)
     report = masks.report()
     if opts.json:
@@ -64,7 +68,37 @@ def _cmd_inspect(opts: argparse.Namespace) -> int:
     width = max(len(n) for n in report["layers"]) if report["layers"] else 10
     for name, row in report["layers"].items():
         print(f"  {name:<{width}}  {'x'.join(map(str, row['shape'])):>12}  {100 * row['sparsity']:6.2f}%")
+    pattern = opts.pattern or str(masks.metadata.get("pattern", "unstructured"))
+    if ":" in pattern:
+        return _inspect_nm(opts, masks, pattern)
     return 0
+
+
+def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None) -> int:
+    """The N:M validator's per-tensor report; exit code 1 when a tensor fails."""
+    import os
+
+    from .nm import check_tensors, validate_nm
+
+    pattern = pattern or opts.pattern
+    if os.path.isdir(opts.path):
+        report = validate_nm(opts.path, pattern, from_zeros=opts.from_zeros or masks is None)
+    else:  # a masks file alone: its groups
+        dims = masks.metadata.get("nm_dims") or {n: 1 for n in masks}
+        report = check_tensors(dict(masks), dims, pattern)
+    if opts.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"N:M check: {report.summary()}")
+        for name, row in report.tensors.items():
+            state = "ok" if row["ok"] else "FAIL"
+            detail = "" if row["ok"] else "  " + ", ".join(
+                f"{k}={row[k]}" for k in ("bad_groups", "bad_mask_groups", "nonzero_pruned", "error") if row.get(k)
+            )
+            print(f"  {state:4s} {name}{detail}")
+        for name, why in report.skipped.items():
+            print(f"  skip {name}: {why}")
+    return 0 if report.ok else 1
 
 
 def _cmd_report(opts: argparse.Namespace) -> int:
@@ -101,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-layer sparsity of a folder or masks.safetensors")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--pattern", help="check an N:M pattern such as 2:4 (default: the masks' own pattern)")
+    inspect.add_argument("--from-zeros", action="store_true", help="N:M check from the weights' zeros, not the masks")
     inspect.set_defaults(func=_cmd_inspect)
     report = sub.add_parser("report", help="rebuild imp_report.json and the plots of an IMP run")
     report.add_argument("path")

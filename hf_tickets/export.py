@@ -1,0 +1,260 @@
+"""2:4 inference that is measured, not assumed: `sparse_inference(model, example_batch)`.
+
+PyTorch runs a 2:4 weight through cuSPARSELt once it is converted with `to_sparse_semi_structured`, but that is not
+faster everywhere: on an H200 (torch 2.11, bf16) 2:4 GEMMs ran at 0.22-0.35x of dense at BERT shapes and 1.14-1.44x
+only at very large ones (issue 12). So each `nn.Linear` whose weight holds 2:4 is timed on its real input (the
+user's batch, captured by one forward pass), dense against sparse, and converted only where sparse is faster by
+`min_speedup`; the rest stays dense. The cuSPARSELt algorithm search is never run in float16 (it failed with a
+cuSPARSELt internal error and then an illegal instruction that killed the process); with `search=True` it runs in
+bfloat16 only, and its result is kept only where it times faster.
+
+Checkpoints stay dense (exact zeros + masks.safetensors); this conversion is for serving a loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .nm import nm_violations
+
+logger = logging.getLogger(__name__)
+
+# timer(name, dense_fn, sparse_fn) -> (dense_ms, sparse_ms); tests inject a fake one
+Timer = Callable[[str, Callable[[], Any], Callable[[], Any]], tuple[float, float]]
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class LayerChoice:
+    """One Linear: its weight shape [out, in], the input it saw, the two timings and what was kept."""
+
+    name: str
+    shape: list[int]
+    input_shape: Optional[list[int]] = None
+    dense_ms: Optional[float] = None
+    sparse_ms: Optional[float] = None
+    chosen: str = "dense"
+    reason: str = ""
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if not self.dense_ms or not self.sparse_ms:
+            return None
+        return self.dense_ms / self.sparse_ms
+
+
+@dataclass
+class InferenceReport:
+    """What `sparse_inference` measured and did, per layer."""
+
+    device: str
+    dtype: str
+    message: str = ""
+    min_speedup: float = 1.0
+    layers: list[LayerChoice] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.chosen == "sparse"]
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "message": self.message,
+            "min_speedup": self.min_speedup,
+            "converted": self.converted,
+            "layers": [dict(asdict(layer), speedup=layer.speedup) for layer in self.layers],
+        }
+
+    def to_markdown(self) -> str:
+        """A table for a model card: measured on this GPU, at this batch shape."""
+        lines = [
+            f"2:4 inference on {self.device} ({self.dtype}), measured by `hf_tickets.sparse_inference`: "
+            f"{len(self.converted)} of {len(self.layers)} Linear layers run sparse (kept where sparse was at least "
+            f"{self.min_speedup:g}x faster at the example batch's shape).",
+            "",
+            "| layer | weight | input | dense ms | sparse ms | speedup | chosen |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for layer in self.layers:
+            fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+            speed = "" if layer.speedup is None else f"{layer.speedup:.2f}x"
+            chosen = layer.chosen if not layer.reason else f"{layer.chosen} ({layer.reason})"
+            lines.append(
+                f"| {layer.name} | {'x'.join(map(str, layer.shape))} | "
+                f"{'x'.join(map(str, layer.input_shape or []))} | {fmt(layer.dense_ms)} | {fmt(layer.sparse_ms)} | "
+                f"{speed} | {chosen} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def cuda_event_timer(warmup: int = 3, reps: int = 10, inner: int = 5) -> Timer:
+    """Time two callables with CUDA events, interleaved (dense, sparse, sparse, dense, ...), `reps` rounds of
+    `inner` back-to-back calls each; returns the median ms per call of each."""
+
+    def timer(name: str, dense_fn, sparse_fn) -> tuple[float, float]:
+        fns = {"dense": dense_fn, "sparse": sparse_fn}
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        torch.cuda.synchronize()
+        times: dict[str, list[float]] = {"dense": [], "sparse": []}
+        for r in range(reps):
+            order = ("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")
+            for arm in order:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fns[arm]()
+                end.record()
+                end.synchronize()
+                times[arm].append(start.elapsed_time(end) / inner)
+        return statistics.median(times["dense"]), statistics.median(times["sparse"])
+
+    return timer
+
+
+def _default_convert(search: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from torch.sparse import to_sparse_semi_structured
+
+    def convert(weight: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        sparse = to_sparse_semi_structured(weight.detach().contiguous())
+        if search and weight.dtype == torch.bfloat16 and hasattr(torch, "_cslt_sparse_mm_search"):
+            try:  # bf16 only: the fp16 search crashed the process (cuSPARSELt internal error, illegal instruction)
+                sparse.alg_id_cusparselt = int(torch._cslt_sparse_mm_search(sparse.packed, x2d.t()))
+            except Exception as err:  # keep the default algorithm
+                logger.info("cuSPARSELt algorithm search failed (%s): default algorithm kept", err)
+        return sparse
+
+    return convert
+
+
+def _batch_call(model: nn.Module, example_batch: Any) -> None:
+    if isinstance(example_batch, Mapping):
+        model(**example_batch)
+    elif isinstance(example_batch, (tuple, list)):
+        model(*example_batch)
+    else:
+        model(example_batch)
+
+
+def sparse_inference(
+    model: nn.Module,
+    example_batch: Any,
+    *,
+    min_speedup: float = 1.05,
+    search: bool = False,
+    timer: Optional[Timer] = None,
+    convert: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> InferenceReport:
+    """Convert to 2:4 semi-structured sparse only the Linear layers that run faster that way on this GPU.
+
+    One forward pass over `example_batch` (a dict of model inputs, a tuple, or a tensor, at the batch shape you
+    will serve) runs with hooks on every `nn.Linear` whose weight holds 2:4 along its input features: each such
+    layer is timed on its own input, dense against sparse, and replaced by its sparse form only where the sparse
+    one took at most dense / `min_speedup`. The sparse output is also checked against the dense one before timing.
+    The model is changed in place (inference only: converted weights take no gradient) and a per-layer report is
+    returned (`report.to_markdown()` fits a model card).
+
+    Args:
+        model: a model on a CUDA device in float16 or bfloat16 (e.g. `model.to("cuda", torch.bfloat16)`).
+        example_batch: inputs at the serving shape.
+        min_speedup: a layer is converted when dense_ms / sparse_ms >= this (a margin over timing noise).
+        search: run cuSPARSELt's algorithm search per layer (bfloat16 only, never float16: that path crashed).
+        timer, convert: injected by tests (a fake timer and converter make the dispatch testable on a CPU).
+
+    Without a CUDA device (and no injected timer) nothing is changed and the report says why.
+    """
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params else torch.float32
+    if timer is None:
+        if not torch.cuda.is_available() or device.type != "cuda":
+            why = "no CUDA GPU" if not torch.cuda.is_available() else f"the model is on {device}, not a CUDA GPU"
+            message = f"sparse_inference did nothing: {why}; 2:4 kernels (cuSPARSELt) need one. The model stays dense."
+            logger.warning(message)
+            return InferenceReport(device=str(device), dtype=str(dtype).replace("torch.", ""), message=message,
+                                   min_speedup=min_speedup)
+        timer = cuda_event_timer()
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device} (injected timer)"
+    if convert is None:
+        convert = _default_convert(search)
+    report = InferenceReport(device=name, dtype=str(dtype).replace("torch.", ""), min_speedup=min_speedup)
+    choices: dict[str, LayerChoice] = {}
+    sparse_weights: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def probe(layer_name: str):
+        def hook(module: nn.Linear, inputs: tuple) -> None:
+            choice = choices[layer_name]
+            if choice.input_shape is not None:  # a module called twice: timed at its first call
+                return
+            x = inputs[0]
+            choice.input_shape = list(x.shape)
+            w, b = module.weight, module.bias
+            x2d = x.reshape(-1, x.shape[-1])
+            try:
+                sw = convert(w, x2d)
+                dense_out = nn.functional.linear(x, w, b)
+                sparse_out = nn.functional.linear(x, sw, b)
+                err = float((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm().clamp_min(1e-12))
+                if err > 2e-2:
+                    choice.reason = f"sparse output differs from dense (relative error {err:.3g})"
+                    return
+                choice.dense_ms, choice.sparse_ms = timer(
+                    layer_name, lambda: nn.functional.linear(x, w, b), lambda: nn.functional.linear(x, sw, b)
+                )
+            except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
+                choice.reason = f"not convertible: {str(err).splitlines()[0][:160]}"
+                return
+            if choice.sparse_ms * min_speedup <= choice.dense_ms:
+                choice.chosen = "sparse"
+                sparse_weights[layer_name] = sw
+            else:
+                choice.reason = "sparse slower at this shape"
+
+        return hook
+
+    for layer_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        w = module.weight
+        choice = LayerChoice(name=layer_name, shape=list(w.shape))
+        choices[layer_name] = choice
+        if w.dtype not in SUPPORTED_DTYPES:
+            choice.reason = f"{str(w.dtype).replace('torch.', '')} weights: 2:4 kernels take float16/bfloat16"
+        elif w.shape[1] % 4 or nm_violations(w, 2, 4, 1):
+            choice.reason = "weight does not hold 2:4 along its input features"
+        else:
+            handles.append(module.register_forward_pre_hook(probe(layer_name)))
+    report.layers = list(choices.values())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _batch_call(model, example_batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for layer_name, sw in sparse_weights.items():
+        module = model.get_submodule(layer_name)
+        module.weight = nn.Parameter(sw, requires_grad=False)
+    for choice in report.layers:
+        if choice.input_shape is None and not choice.reason:
+            choice.reason = "not called by the example batch"
+    report.message = (
+        f"{len(report.converted)} of {len(report.layers)} Linear layers converted to 2:4 (faster by >= "
+        f"{min_speedup:g}x at this batch shape); the others stay dense."
+    )
+    logger.info(report.message)
+    return report
