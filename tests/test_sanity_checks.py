@@ -253,3 +253,14 @@ def test_hf_argument_parser_reads_the_control():
         look_for_args_file=False,
     )
     assert cfg.sanity_check == "invert" and cfg.max_layer_sparsity == 0.99
+
+
+def test_the_model_card_says_it_is_a_control_and_shows_the_cap():
+    from hf_tickets.cards import render_sparsity_section
+
+    model = make_cnn()
+    cfg = SparsityConfig(method="magnitude", sparsity=0.5, sanity_check="shuffle", max_layer_sparsity=0.9)
+    card = render_sparsity_section(apply_sparsity(model, cfg), cfg, model)
+    assert "| sanity-check control | `shuffle`" in card and "| max layer sparsity (cap) | 0.9 |" in card
+    plain = SparsityConfig(sparsity=0.5)
+    assert "sanity-check" not in render_sparsity_section(apply_sparsity(make_cnn(), plain), plain, make_cnn())
