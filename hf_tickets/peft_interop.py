@@ -306,3 +306,31 @@ def effective_weights(model: nn.Module, names: Optional[set[str]] = None) -> Ite
         with torch.no_grad():
             for weight, value in saved:
                 weight.copy_(value)
+
+
+def wrap_with_lora(model: nn.Module, section: Mapping[str, Any]) -> nn.Module:
+    """A recipe's `peft:` section applied: `peft.get_peft_model(model, LoraConfig(**fields))`, and masked LoRA on
+    with `masked: true`. `task_type` defaults to SEQ_CLS for a `*ForSequenceClassification` model (peft then trains
+    its classifier in full, as `modules_to_save`). Bad keys or values raise a ValueError naming the `peft.` key."""
+    if not isinstance(section, Mapping):
+        raise ValueError(f"recipe section 'peft' must be a mapping of LoraConfig fields, got {section!r}.")
+    fields = dict(section)
+    masked = fields.pop("masked", False)
+    if not isinstance(masked, bool):
+        raise ValueError(f"recipe peft.masked={masked!r} must be true or false.")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("the recipe's peft section needs peft: pip install 'hf_tickets[peft]'") from err
+    if "task_type" not in fields and type(model).__name__.endswith("ForSequenceClassification"):
+        fields["task_type"] = "SEQ_CLS"
+    try:
+        config = LoraConfig(**fields)
+    except TypeError as err:
+        raise ValueError(f"recipe section 'peft' does not fit peft.LoraConfig: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"recipe section 'peft': {err}") from err
+    wrapped = get_peft_model(model, config)
+    if masked:
+        enable_masked_lora(wrapped)
+    return wrapped

@@ -6,6 +6,8 @@ run at; default every pruned level), `source` (the paper it follows), `engine` (
 `Trainer.train` per level and control; `batched`: trunk, controls and replicates of a level in one lockstep pass,
 see `hf_tickets.lottery.experiment`) and `replicates` (independent repetitions, batched engine).
 Any value can be overridden from the command line with dotted keys: `training.max_steps=100`.
+An optional `peft` section (`peft.LoraConfig` fields, plus `masked: true` to keep the adapters' updates inside the
+masks) wraps the model with LoRA adapters on its sparse base (`hf_tickets.peft_interop.wrap_with_lora`).
 
 `model` is either `{name: <hf_tickets.models name or "vit">, seed, <config fields>}` (random init; image sizes and
 classes come from the data) or, for text data, `{pretrained: <Hub id or folder>, offline_fallback: minilm, seed}`
@@ -43,6 +45,7 @@ SECTIONS = (
     "ticket",
     "engine",
     "replicates",
+    "peft",
 )
 DEFAULT_MAX_LENGTH = 64  # data.max_length of text recipes: tokens per example, padded and truncated
 VIT_NAME = "vit"  # model.name for a transformers ViTForImageClassification (random init, ViTConfig fields)
@@ -140,6 +143,10 @@ def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
         model, tokenizer = _build_text_model(recipe["model"], splits["train"])
         splits = tokenize_splits(splits, tokenizer, max_length)
         extra["processing_class"] = tokenizer  # saved with every level and the ticket
+    if recipe.get("peft") is not None:
+        from .peft_interop import wrap_with_lora
+
+        model = wrap_with_lora(model, recipe["peft"])
     return TicketTrainer(
         model=model,
         args=args,

@@ -364,3 +364,20 @@ def test_package_imports_and_trains_without_peft(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "8"
+
+
+# ---- recipes ---------------------------------------------------------------------------------------------------
+
+
+def test_recipe_peft_section_is_checked():
+    from hf_tickets.peft_interop import wrap_with_lora
+
+    model = wrap_with_lora(make_bert(), {"r": 2, "target_modules": ["query"], "masked": True})
+    assert model.hf_tickets_masked_lora is not None
+    assert model.peft_config["default"].task_type == "SEQ_CLS"  # implied for a sequence classifier
+    with pytest.raises(ValueError, match="peft.masked='yes' must be true or false"):
+        wrap_with_lora(make_bert(), {"r": 2, "target_modules": ["query"], "masked": "yes"})
+    with pytest.raises(ValueError, match="does not fit peft.LoraConfig.*rank"):
+        wrap_with_lora(make_bert(), {"rank": 2})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        wrap_with_lora(make_bert(), [2])

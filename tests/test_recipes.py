@@ -99,7 +99,7 @@ def test_recipe_parses(name):
         assert config.num_levels() >= 1
     else:  # one sparse training run at a fixed sparsity: RigL, SET, static random, pruning at init
         assert config.method in ("rigl", "set", "static", "snip", "grasp", "synflow", "magnitude", "random")
-        assert 0 < config.sparsity < 1
+        assert 0 < target_sparsity(config) < 1
         assert not recipe.get("controls"), "LTH controls belong to IMP recipes"
     args = TrainingArguments(**{**recipe["training"], "use_cpu": True})
     assert args.output_dir == recipe["training"]["output_dir"]
@@ -147,16 +147,42 @@ def test_recipe_runs(name, tmp_path):
     assert 0 < load_masks(str(out / "level_01")).sparsity() < 1
 
 
+def target_sparsity(config: SparsityConfig) -> float:
+    return config.sparsity if config.nm is None else 1 - config.nm[0] / config.nm[1]
+
+
 def _check_sparse_run(name, out):
-    """A one-run recipe (RigL, SET, static): the trained model, its masks at the target and its card."""
+    """A one-run recipe (RigL, SET, static, LoRA on a sparse base): the trained model (the adapters, for LoRA), its
+    masks at the target and its card."""
     recipe = load_recipe(str(REPO / "recipes" / name), shrink(name, out))
     summary = run_recipe(recipe)
     ticket = Path(summary["ticket_dir"])
-    for file in ("masks.safetensors", "README.md", "model.safetensors", "sparsity_config.json"):
+    weights = "adapter_model.safetensors" if recipe.get("peft") else "model.safetensors"
+    for file in ("masks.safetensors", "README.md", weights, "sparsity_config.json"):
         assert (ticket / file).is_file(), file
     masks = load_masks(str(ticket))
-    assert masks.sparsity() == pytest.approx(recipe["sparsity"]["sparsity"], abs=1e-3)
+    assert masks.sparsity() == pytest.approx(target_sparsity(SparsityConfig(**recipe["sparsity"])), abs=1e-3)
     assert SparsityConfig.from_pretrained(str(ticket)).method == recipe["sparsity"]["method"]
+    if recipe.get("peft"):
+        _check_lora_folder(recipe, ticket, masks)
+
+
+def _check_lora_folder(recipe, folder, masks):
+    """The adapter folder loads onto the pretrained base, and merging keeps every pruned weight at zero."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_tickets import load_sparse_adapter, merge_adapters
+    from hf_tickets.enforce import count_violations
+    from hf_tickets.peft_interop import masks_for
+
+    path = resolve_pretrained(recipe["model"]["pretrained"], recipe["model"]["offline_fallback"])
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = load_sparse_adapter(base, str(folder))
+    assert hasattr(model, "hf_tickets_masked_lora") == recipe["peft"].get("masked", False)
+    merged, report = merge_adapters(model)
+    assert count_violations(merged, masks_for(merged, masks)) == 0
+    if recipe["peft"].get("masked"):
+        assert report.removed_norm == 0.0
 
 
 @pytest.mark.parametrize("name", AT_INIT_RECIPES)
