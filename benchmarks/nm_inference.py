@@ -13,15 +13,12 @@ Arms, all resident on the GPU, each a deep copy of the same pruned model:
   dispatch     `sparse_inference(model, batch)`: a Linear is converted only where its own timing at this batch
                shape shows sparse >= `--min-speedup` x faster; the rest stays dense
   all_sparse   every convertible 2:4 Linear converted (`min_speedup=0`): what a user who converts everything gets
-  dispatch_search  (`--search`) `sparse_inference(..., search=True)`: cuSPARSELt's algorithm search per layer,
-               bfloat16 only
 
 Forward passes are timed with CUDA events (the project's helpers in enforcement_overhead.py), `--iters` passes per
 arm per round, `--rounds` rounds with the arm order reversed every other round; the ratio of an arm is the median
 over rounds of dense ms / arm ms (> 1 = faster than dense), with its IQR.
 
     PYTHONPATH=. python3 benchmarks/nm_inference.py --json docs/results/nm_inference_h200.json
-    PYTHONPATH=. python3 benchmarks/nm_inference.py --models mlp --search        # the searched algorithm
     python benchmarks/nm_inference.py --tiny                                     # CPU smoke run (no timing)
 """
 
@@ -130,8 +127,6 @@ def run_model(name: str, opts) -> dict:
     timer = None if CUDA else (lambda n, d, s: (1.0, 1.0))  # CPU smoke run: the dispatch path, no real timing
     convert = None if CUDA else (lambda w, x: w.detach().clone())
     variants = [("dispatch", dict(min_speedup=opts.min_speedup)), ("all_sparse", dict(min_speedup=0.0))]
-    if opts.search:
-        variants.append(("dispatch_search", dict(min_speedup=opts.min_speedup, search=True)))
     for arm, kwargs in variants:
         copy_ = copy.deepcopy(model)
         t0 = time.perf_counter()
@@ -200,7 +195,6 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="forward passes per arm per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--min-speedup", type=float, default=1.05)
-    parser.add_argument("--search", action="store_true", help="add the dispatch_search arm (bfloat16 only)")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--tiny", action="store_true", help="tiny models, CPU allowed: a smoke run, not a measurement")
     opts = parser.parse_args()

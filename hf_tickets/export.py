@@ -4,9 +4,11 @@ PyTorch runs a 2:4 weight through cuSPARSELt once it is converted with `to_spars
 faster everywhere: on an H200 (torch 2.11, bf16) 2:4 GEMMs ran at 0.22-0.35x of dense at BERT shapes and 1.14-1.44x
 only at very large ones (issue 12). So each `nn.Linear` whose weight holds 2:4 is timed on its real input (the
 user's batch, captured by one forward pass), dense against sparse, and converted only where sparse is faster by
-`min_speedup`; the rest stays dense. The cuSPARSELt algorithm search is never run in float16 (it failed with a
-cuSPARSELt internal error and then an illegal instruction that killed the process); with `search=True` it runs in
-bfloat16 only, and its result is kept only where it times faster.
+`min_speedup`; the rest stays dense. cuSPARSELt's algorithm search (`torch._cslt_sparse_mm_search`) is never run:
+in float16 it failed with a cuSPARSELt internal error and then an illegal instruction that killed the process
+(issue 12), and in bfloat16 (H200, torch 2.11, cuSPARSELt 0.8) the id it returned was refused by a later matmul
+("invalid value when calling cusparseLtMatmulAlgSetAttribute", docs/results/nm_inference_search_h200.log). The
+default algorithm is used.
 
 Checkpoints stay dense (exact zeros + masks.safetensors); this conversion is for serving a loaded model.
 """
@@ -121,19 +123,11 @@ def cuda_event_timer(warmup: int = 3, reps: int = 10, inner: int = 5) -> Timer:
     return timer
 
 
-def _default_convert(search: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _default_convert(weight: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """PyTorch's semi-structured form (cuSPARSELt on Hopper), default algorithm: no search (see the module doc)."""
     from torch.sparse import to_sparse_semi_structured
 
-    def convert(weight: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
-        sparse = to_sparse_semi_structured(weight.detach().contiguous())
-        if search and weight.dtype == torch.bfloat16 and hasattr(torch, "_cslt_sparse_mm_search"):
-            try:  # bf16 only: the fp16 search crashed the process (cuSPARSELt internal error, illegal instruction)
-                sparse.alg_id_cusparselt = int(torch._cslt_sparse_mm_search(sparse.packed, x2d.t()))
-            except Exception as err:  # keep the default algorithm
-                logger.info("cuSPARSELt algorithm search failed (%s): default algorithm kept", err)
-        return sparse
-
-    return convert
+    return to_sparse_semi_structured(weight.detach().contiguous())
 
 
 def _batch_call(model: nn.Module, example_batch: Any) -> None:
@@ -150,7 +144,6 @@ def sparse_inference(
     example_batch: Any,
     *,
     min_speedup: float = 1.05,
-    search: bool = False,
     timer: Optional[Timer] = None,
     convert: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> InferenceReport:
@@ -167,7 +160,6 @@ def sparse_inference(
         model: a model on a CUDA device in float16 or bfloat16 (e.g. `model.to("cuda", torch.bfloat16)`).
         example_batch: inputs at the serving shape.
         min_speedup: a layer is converted when dense_ms / sparse_ms >= this (a margin over timing noise).
-        search: run cuSPARSELt's algorithm search per layer (bfloat16 only, never float16: that path crashed).
         timer, convert: injected by tests (a fake timer and converter make the dispatch testable on a CPU).
 
     Without a CUDA device (and no injected timer) nothing is changed and the report says why.
@@ -187,7 +179,7 @@ def sparse_inference(
     else:
         name = f"{device} (injected timer)"
     if convert is None:
-        convert = _default_convert(search)
+        convert = _default_convert
     report = InferenceReport(device=name, dtype=str(dtype).replace("torch.", ""), min_speedup=min_speedup)
     choices: dict[str, LayerChoice] = {}
     sparse_weights: dict[str, torch.Tensor] = {}
