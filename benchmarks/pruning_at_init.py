@@ -4,6 +4,7 @@ masks at an extreme sparsity: per-layer kept weights and whether the input still
 
     python benchmarks/pruning_at_init.py --steps 2000 --seeds 0 1 2 --out docs/results/pruning_at_init.json
     python benchmarks/pruning_at_init.py --connectivity --sparsities 0.999 --methods synflow magnitude
+    python benchmarks/pruning_at_init.py --summarize docs/results/pruning_at_init.json   # the markdown table
 
 Every run goes through the project's own recipe path (`load_recipe` + `build_trainer` + `Trainer.train`), with the
 overrides printed next to each result; results are appended to --out after every run, so a stopped sweep keeps
@@ -83,6 +84,33 @@ def connectivity(masks) -> dict:
     }
 
 
+def summarize(path: str) -> str:
+    """A markdown table of a results file: test accuracy mean ± std over seeds per (sparsity, method)."""
+    import statistics
+
+    with open(path, encoding="utf-8") as fh:
+        rows = json.load(fh)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["target_sparsity"], row["method"]), []).append(row)
+    lines = [
+        "| sparsity | method | seeds | test acc. at early stop (mean ± std) | final test acc. (mean ± std) "
+        "| per seed (early stop) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def stat(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+
+    for (sparsity, method), group in sorted(groups.items()):
+        early = [r["test_accuracy_early_stop"] for r in group]
+        final = [r["test_accuracy_final"] for r in group]
+        seeds = ", ".join(f"{100 * a:.2f}" for a in early)
+        lines.append(f"| {100 * sparsity:g}% | {method} | {len(group)} | {stat(early)} | {stat(final)} | {seeds} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=DEFAULT_RECIPE)
@@ -93,7 +121,11 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=250)
     parser.add_argument("--connectivity", action="store_true", help="masks only (no training): layer connectivity")
     parser.add_argument("--out", default=None, help="JSON file the results are appended to")
+    parser.add_argument("--summarize", default=None, help="print the markdown table of a results file and exit")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
 
     results = []
     if args.out and os.path.isfile(args.out):
