@@ -210,6 +210,28 @@ def test_nm_pattern_valid_after_merge():
     assert not all(nm_valid(naive_params[n]) for n in adapted)  # a plain merge loses 2:4
 
 
+def test_masked_lora_on_gpt2_conv1d_keeps_2_4_and_logits():
+    """transformers' Conv1D stores [in, out]: LoRA runs with fan_in_fan_out and 2:4 groups run along dim 0."""
+    from conftest import make_gpt2
+
+    model = get_peft_model(make_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    enable_masked_lora(model)
+    masks = apply_sparsity(model, SparsityConfig(pattern="2:4"))
+    randomize_adapters(model)
+    model.eval()
+    inputs = {"input_ids": batch()["input_ids"]}
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+    merged, report = merge_adapters(model)
+    assert report.removed_norm == 0.0 and report.delta_norm > 1.0
+    merged_masks = masks_for(merged, masks)
+    assert count_violations(merged, merged_masks) == 0
+    params = dict(merged.named_parameters())
+    assert all(nm_valid(params[n].t()) for n in merged_masks)  # groups of 4 inputs: rows of the [in, out] weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
 # ---- methods that change masks ---------------------------------------------------------------------------------
 
 
