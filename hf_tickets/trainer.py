@@ -2,8 +2,9 @@
 
 Built like `Trainer` (no sparsity arguments, or nothing to mask), it *is* `Trainer`: same callbacks, logs, outputs
 and checkpoints. With a `SparsityConfig` it builds the method and one `SparsityCallback` (hooks + enforcement) and
-saves the masks with every checkpoint and model. Iterative methods (IMP) are trained level by level by
-`hf_tickets.lottery`.
+saves the masks with every checkpoint and model. An iterative method (IMP) trains its trunk level by level through
+`hf_tickets.lottery.LotteryRunner` (imported when `train()` needs it); controls, replicates and the lockstep backend
+are run with `hf_tickets.lottery.run_experiment`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from .sparsify import MASKS_ATTR
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("trainer", "batched")
 STATE_TENSORS_NAME = "sparsity_state.safetensors"  # a method's tensor state, in every checkpoint
 ONE_SHOT_DESCRIPTIONS = ("magnitude", "random")  # methods that describe loaded masks without changing them
 
@@ -40,11 +40,6 @@ class TicketTrainer(Trainer):
             the model (and, for data-driven methods, batches of the trainer's own train dataloader), and pruned
             weights are zeroed in place; with `model_init`, they are computed again for every model it builds.
         masks: an existing `MaskSet` (e.g. from `load_masks`) to enforce instead of computing new masks.
-        engine: how an iterative method (`"imp"`) runs. `"trainer"` (default): every level is a `Trainer.train`
-            run, with all of Trainer's features. `"batched"`: levels train in lockstep passes of
-            `BatchedMaskedTraining`, on CUDA replayed from a CUDA graph, for small image networks held as tensors
-            (see `hf_tickets.lottery.experiment`); `train_experiment` then trains trunk, controls and replicates of
-            a level together. It runs no Trainer callbacks, so it refuses user callbacks and custom metrics.
         *args, **kwargs: every `transformers.Trainer` argument, `model_init` included.
 
     A model already passed through `apply_sparsity` keeps its masks when neither argument is given. Without any of
@@ -57,11 +52,13 @@ class TicketTrainer(Trainer):
         *args: Any,
         sparsity_config: Optional[SparsityConfig] = None,
         masks: Optional[MaskSet] = None,
-        engine: str = "trainer",
         **kwargs: Any,
     ) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"engine={engine!r} is unknown: use one of {list(ENGINES)}.")
+        if "engine" in kwargs:
+            raise TypeError(
+                "TicketTrainer(engine=...) was replaced by hf_tickets.lottery.run_experiment(trainer, backend=...): "
+                "build the trainer without `engine` and pass backend='trainer' or 'lockstep' there."
+            )
         if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
             raise ValueError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}.")
         if masks is not None and not isinstance(masks, MaskSet):
@@ -74,21 +71,11 @@ class TicketTrainer(Trainer):
         self.sparsity_config = sparsity_config
         self.sparsity_method: Optional[SparsityMethod] = None
         self.sparsity_callback: Optional[SparsityCallback] = None
-        self.engine = engine
         self._user_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None
         if sparsity_config is None:
-            if engine != "trainer":
-                raise ValueError(
-                    "engine='batched' runs IMP experiments: pass sparsity_config=SparsityConfig(method='imp', ...)."
-                )
             return
         # A peft model: rejects combinations that cannot hold, and scores W + ΔW of its LoRA layers.
         self.sparsity_method = prepare_method(self.model, build_method(sparsity_config))
-        if engine == "batched" and not self.sparsity_method.iterative:
-            raise ValueError(
-                f"engine='batched' runs iterative experiments (method='imp'), got method={sparsity_config.method!r}: "
-                "use engine='trainer'."
-            )
         callback = SparsityCallback(method=self.sparsity_method)
         batches = self._train_batches if self.train_dataset is not None else None
         callback.setup(self.model, batches=batches, masks=masks)
@@ -130,21 +117,18 @@ class TicketTrainer(Trainer):
         return loss
 
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any) -> TrainOutput:
-        """Train; an iterative method trains every level (see `hf_tickets.lottery`).
+        """Train; an iterative method trains every level of its trunk (`hf_tickets.lottery.LotteryRunner`).
 
-        For an iterative method, `resume_from_checkpoint` is implied: finished levels in `output_dir` are skipped
-        and an interrupted level resumes from its last checkpoint (with engine="batched": is trained again). Its
-        `TrainOutput.metrics` hold the last trained level's summary.
+        For an iterative method, `resume_from_checkpoint` is implied: finished levels in `output_dir` are reused
+        when the run's identity matches and an interrupted level resumes from its last checkpoint. Its
+        `TrainOutput.metrics` hold the last trained level's summary. Controls and replicates:
+        `hf_tickets.lottery.run_experiment(trainer, controls=..., replicates=...)`.
         """
         if self.sparsity_method is None or not self.sparsity_method.iterative:
             return self.train_once(resume_from_checkpoint, *args, **kwargs)
-        if self.engine == "batched":
-            trained = self.train_experiment()
-            metrics = dict(trained[0]) if trained else {}
-        else:
-            from .lottery import IMPRunner
+        from .lottery.runner import LotteryRunner  # here, not at import: the lottery package builds on this module
 
-            metrics = dict(IMPRunner(self).run() or {})
+        metrics = dict(LotteryRunner(self).run().last_trunk_metrics)
         return TrainOutput(self.state.global_step, float(metrics.get("train_loss", 0.0)), metrics)
 
     def train_once(
@@ -181,70 +165,6 @@ class TicketTrainer(Trainer):
         if ours is not None and ours not in self.callback_handler.callbacks:
             self.callback_handler.remove_callback(SparsityCallback)
             self.callback_handler.add_callback(ours)
-
-    def train_control(self, kind: str, trunk_dir: Optional[str] = None, levels: Optional[list[int]] = None) -> str:
-        """Run an LTH control next to a finished IMP trunk; returns the control's folder.
-
-        Args:
-            kind: `"reinit"` (the trunk's masks on a fresh random initialisation from another seed) or
-                `"random_prune"` (random masks with the trunk's per-layer counts, rewound like the trunk).
-            trunk_dir: the trunk's output_dir (default: this trainer's `args.output_dir`).
-            levels: trunk levels to run (default: every finished pruned level); each is skipped if already done.
-        """
-        if self.engine == "batched":
-            if trunk_dir not in (None, self.args.output_dir):
-                raise ValueError("engine='batched' runs controls of its own output_dir: leave trunk_dir unset.")
-            return self._experiment().run_controls(kind, levels)
-        from .lottery import run_control
-
-        return run_control(self, kind, trunk_dir or self.args.output_dir, levels)
-
-    def train_experiment(
-        self, controls: tuple = (), control_levels: Optional[list[int]] = None, replicates: int = 1
-    ) -> list[dict]:
-        """engine="batched": every IMP level of the trunk, `controls` and `replicates` in one lockstep pass per level.
-
-        Args:
-            controls: control kinds trained beside the trunk: `"reinit"`, `"random_prune"`.
-            control_levels: trunk levels the controls run at (default: every pruned level).
-            replicates: independent repetitions (own theta_0 and data order); with more than one, replicate r
-                writes to `<output_dir>/replicate_r`.
-
-        Returns the metrics of the networks of the last level trained. The layout on disk is the `"trainer"`
-        engine's (level folders, controls next to the trunk, imp_report.json and plots per replicate).
-        """
-        if self.engine != "batched":
-            raise ValueError(
-                "train_experiment needs TicketTrainer(..., engine='batched'); use train() and "
-                "train_control() with engine='trainer'."
-            )
-        experiment = self._experiment(replicates)
-        metrics = experiment.run(tuple(controls), control_levels)
-        self.last_experiment = experiment
-        self._load_last_trunk_level(experiment.replicate_root(0))
-        return metrics
-
-    def _experiment(self, replicates: int = 1):
-        from .lottery.experiment import LockstepExperiment
-
-        return LockstepExperiment.from_trainer(self, replicates=replicates)
-
-    def _load_last_trunk_level(self, root: str) -> None:
-        """After a batched run the trainer holds the last trunk level's weights and masks, as after `train()`."""
-        from .lottery.layout import trunk_levels
-        from .lottery.levels import level_dir
-        from .lottery.lockstep import load_weights_
-
-        levels = trunk_levels(root) or [0]
-        folder = level_dir(root, max(levels))
-        if os.path.isfile(os.path.join(folder, "model.safetensors")):
-            from safetensors.torch import load_file
-
-            device = next(self.model.parameters()).device
-            load_weights_(
-                self.model, {k: v.to(device) for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
-            )
-            self.set_masks(MaskSet.load(folder))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add overall sparsity to every log, and per-layer sparsity to the first log after the masks change.

@@ -1,4 +1,4 @@
-"""The batched IMP engine: `BatchedMaskedTraining` extras, `train_lockstep`, `LockstepExperiment`, engine="batched".
+"""The lockstep backend: `BatchedMaskedTraining` extras, `train_lockstep`, and `LotteryRunner(backend="lockstep")`.
 
 References are the plain torch loop `TicketTrainer` enforces for one network (forward, backward, mask the
 gradients, clip, `torch.optim` step, mask the weights) and the sequential ("trainer") engine's on-disk layout and
@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import training_args
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -23,10 +22,9 @@ from hf_tickets import MaskSet, SparsityConfig, TicketTrainer
 from hf_tickets.allocation import random_masks_like
 from hf_tickets.data import TensorImageDataset, load_splits
 from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
-from hf_tickets.lottery import experiment as experiment_module
+from hf_tickets.lottery import LotteryRunner, run_controls, run_experiment
+from hf_tickets.lottery import lockstep_backend as backend_module
 from hf_tickets.lottery.batched import BatchedMaskedTraining
-from hf_tickets.lottery.controls import REINIT_SEED_OFFSET, fresh_init_weights
-from hf_tickets.lottery.experiment import REPLICATE_SEED_OFFSET, LockstepExperiment
 from hf_tickets.lottery.lockstep import (
     ArmStart,
     SplitTensors,
@@ -35,6 +33,8 @@ from hf_tickets.lottery.lockstep import (
     plan_from_training_args,
     train_lockstep,
 )
+from hf_tickets.lottery.rewind import load_rewind_point
+from hf_tickets.lottery.runner import REINIT_SEED_OFFSET, REPLICATE_SEED_OFFSET, fresh_init_weights
 from hf_tickets.models import build_model
 from hf_tickets.recipes import accuracy, build_trainer, load_recipe
 
@@ -542,13 +542,13 @@ def digits():
 def lockstep_calls(monkeypatch):
     """Records the arms of every lockstep pass the experiment runs (and still runs it)."""
     calls: list[dict] = []
-    real = experiment_module.train_lockstep
+    real = backend_module.train_lockstep
 
     def spy(template, arms, plan, *args, **kwargs):
         calls.append({"arms": list(arms), "snapshot_step": kwargs.get("snapshot_step")})
         return real(template, arms, plan, *args, **kwargs)
 
-    monkeypatch.setattr(experiment_module, "train_lockstep", spy)
+    monkeypatch.setattr(backend_module, "train_lockstep", spy)
     return calls
 
 
@@ -583,15 +583,25 @@ def _experiment_args(out, **overrides):
     return training_args(out, **kwargs)
 
 
-def _experiment(out, digits, replicates=1, config=None, **arg_overrides) -> LockstepExperiment:
-    return LockstepExperiment(
-        _model(0),
-        config or _imp_config(),
-        _experiment_args(out, **arg_overrides),
-        digits["train"],
-        {"validation": digits["validation"], "test": digits["test"]},
-        replicates=replicates,
+def _experiment(out, digits, replicates=1, config=None, **arg_overrides) -> LotteryRunner:
+    trainer = TicketTrainer(
+        model=_model(0),
+        args=_experiment_args(out, **arg_overrides),
+        train_dataset=digits["train"],
+        eval_dataset={"validation": digits["validation"], "test": digits["test"]},
+        data_collator=TensorImageDataset.collate,
+        compute_metrics=accuracy,
+        sparsity_config=config or _imp_config(),
     )
+    return LotteryRunner(trainer, "lockstep", replicates)
+
+
+def _point(root) -> dict:
+    """The rewind point in lockstep terms: `weights/<name>` and optimizer buffers, whoever wrote it."""
+    model = _model(0)
+    decay = {n for n, _ in model.named_parameters() if n.endswith("weight")}
+    point = load_rewind_point(str(root / "rewind_point"), model, decay)
+    return {**{f"weights/{k}": v for k, v in point.weights.items()}, **point.optimizer_state}, point.step
 
 
 def _metrics(folder) -> dict:
@@ -606,16 +616,18 @@ def _level(root, level: int, kind: str = "") -> str:
 def test_experiment_layout_masks_controls_and_rewind(tmp_path, digits, lockstep_calls):
     root = tmp_path / "run"
     exp = _experiment(root, digits)
-    assert exp.k == 5 and exp.plan.total_steps == 30
+    assert exp.k == 5 and exp.backend.plan.total_steps == 30
     out = exp.run(controls=("reinit", "random_prune"))
-    assert [m["level"] for m in out] == [2, 2, 2]
+    assert out.trained[-3:] == ["trunk[0] level 2", "reinit[0] level 2", "random_prune[0] level 2"]
+    assert out.reused == []
 
     # One pass per level: the dense trunk alone (it makes the rewind point), then trunk + both controls.
     assert [len(c["arms"]) for c in lockstep_calls] == [1, 3, 3]
     assert [c["snapshot_step"] for c in lockstep_calls] == [5, None, None]
     theta0 = load_file(root / "init_weights.safetensors")
     reinit0 = load_file(root.parent / "run.reinit" / "reinit_weights.safetensors")
-    point = load_file(root / "rewind_point.safetensors")
+    point, step = _point(root)
+    assert step == 5
     assert lockstep_calls[0]["arms"][0].start_step == 0
     for call in lockstep_calls[1:]:
         trunk, reinit, rand = call["arms"]
@@ -637,9 +649,10 @@ def test_experiment_layout_masks_controls_and_rewind(tmp_path, digits, lockstep_
             assert os.path.isfile(os.path.join(_level(root, level, kind), "metrics.json"))
     assert not [p for p in os.listdir(root) if p.endswith(".partial")]
 
-    # Rewind point: step k's weights and Adam buffers, different from theta_0 and from the level's end.
-    with safe_open(str(root / "rewind_point.safetensors"), framework="pt") as fh:
-        assert fh.metadata()["step"] == "5"
+    # Rewind point: a Trainer checkpoint with step k's weights and Adam buffers, different from theta_0 and from
+    # the level's end.
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert os.path.isfile(root / "rewind_point" / name), name
     assert {k.split("/")[0] for k in point} == {"weights", "exp_avg", "exp_avg_sq"}
     assert {k.split("/", 1)[1] for k in point} == set(theta0)
     final0 = load_file(os.path.join(_level(root, 0), "model.safetensors"))
@@ -666,7 +679,7 @@ def test_experiment_layout_masks_controls_and_rewind(tmp_path, digits, lockstep_
         assert reinit == trunk[level]
         assert {n: int(m.sum()) for n, m in rand.items()} == {n: int(m.sum()) for n, m in trunk[level].items()}
         assert rand != trunk[level]
-        # the sequential engine's random masks (run_control: seed + level)
+        # replicate 0's random masks: seed + level, whichever backend trains them
         assert rand == MaskSet(random_masks_like(trunk[level], exp.config.seed + level))
         assert rand.metadata["control"] == "random_prune" and reinit.metadata["control"] == "reinit"
 
@@ -689,7 +702,8 @@ def test_experiment_layout_masks_controls_and_rewind(tmp_path, digits, lockstep_
     # metrics.json
     for folder in [_level(root, lv) for lv in range(3)] + [_level(root, 2, "reinit"), _level(root, 1, "random_prune")]:
         m = _metrics(folder)
-        assert m["engine"] == "batched" and m["steps"] == 30 and m["rewind_step_k"] == 5 and m["rewind"] == "step"
+        assert m["backend"] == "lockstep" and m["steps"] == 30 and m["rewind_step_k"] == 5 and m["rewind"] == "step"
+        assert set(m["identity"]) == {"run_sha256", "masks_sha256", "start_weights_sha256", "start_step"}
         assert m["early_stop_step"] in (10, 20, 30)
         assert set(m["test_at_early_stop"]) == {"loss", "accuracy"} and 0 <= m["test_at_early_stop"]["accuracy"] <= 1
         assert m["best_eval"]["loss"] <= m["final_eval"]["loss"]
@@ -721,7 +735,8 @@ def test_experiment_restart_trains_only_what_is_missing(tmp_path, digits, lockst
     old_masks = MaskSet.load(_level(root, 2))
 
     lockstep_calls.clear()
-    assert _experiment(root, digits).run(controls=("random_prune",)) == []
+    again = _experiment(root, digits).run(controls=("random_prune",))
+    assert again.trained == [] and len(again.reused) == 5
     assert lockstep_calls == [], "a finished experiment was trained again"
     assert {f: open(os.path.join(f, "metrics.json"), "rb").read() for f in folders} == before
 
@@ -744,14 +759,14 @@ def test_experiment_restart_trains_only_what_is_missing(tmp_path, digits, lockst
     shutil.rmtree(_level(root, 1, "random_prune"))
     interrupted = _level(root, 2, "random_prune") + ".partial"
     os.replace(_level(root, 2, "random_prune"), interrupted)
-    os.remove(os.path.join(interrupted, "metrics.json"))  # what a crash before _finish_level leaves
+    os.remove(os.path.join(interrupted, "metrics.json"))  # what a crash before publish_level leaves
     _experiment(root, digits).run(controls=("random_prune",))
     assert [[a.start_step for a in c["arms"]] for c in lockstep_calls] == [[5], [5]]
     assert os.path.isfile(os.path.join(_level(root, 2, "random_prune"), "metrics.json"))
     assert not os.path.exists(_level(root, 2, "random_prune") + ".partial")
 
     # Late rewinding needs level 0's rewind point: its loss is an error that says so, not a silent step-0 start.
-    os.remove(root / "rewind_point.safetensors")
+    shutil.rmtree(root / "rewind_point")
     shutil.rmtree(_level(root, 2))
     lockstep_calls.clear()
     with pytest.raises(ValueError, match="rewind point"):
@@ -767,15 +782,18 @@ def test_replicates_get_own_folders_init_and_data_order(tmp_path, digits, lockst
     assert [sorted(a.replicate for a in c["arms"]) for c in lockstep_calls] == [[0, 1], [0, 0, 1, 1]]
     for r in (0, 1):
         rep = root / f"replicate_{r}"
-        for name in ("init_weights.safetensors", "rewind_point.safetensors", "imp_report.json"):
-            assert os.path.isfile(rep / name), (r, name)
+        for name in ("init_weights.safetensors", "rewind_point", "imp_report.json"):
+            assert os.path.exists(rep / name), (r, name)
         for level in (0, 1):
             assert os.path.isfile(os.path.join(_level(rep, level), "metrics.json"))
             assert _metrics(_level(rep, level))["replicate"] == r
         assert os.path.isfile(os.path.join(_level(rep, 1, "reinit"), "metrics.json"))
         report = json.load(open(rep / "imp_report.json", encoding="utf-8"))
         assert [row["level"] for row in report["trunk"]] == [0, 1] and list(report["controls"]) == ["reinit"]
-    assert not os.path.exists(_level(root, 0)), "with replicates, nothing is written at the top level"
+    assert not os.path.exists(_level(root, 0)), "with replicates, no level is written at the top level"
+    aggregate = json.load(open(root / "imp_report.json", encoding="utf-8"))
+    assert aggregate["replicates"] == 2 and [e["level"] for e in aggregate["levels"]] == [0, 1]
+    assert aggregate["levels"][1]["reinit"]["n"] == 2
 
     init = [load_file(root / f"replicate_{r}" / "init_weights.safetensors") for r in (0, 1)]
     weights = _weight_names(_model(0))  # biases start at 0 in every init
@@ -804,8 +822,7 @@ def test_experiment_defaults_and_argument_errors(tmp_path, digits):
     trainer = _ticket_trainer(tmp_path / "t", digits)
     trainer_choice = set(trainer.get_decay_parameter_names(trainer.model))
     assert trainer_choice == _weight_names(_model(0))
-    assert _experiment(tmp_path / "d", digits).plan.decay_names == trainer_choice
-    assert LockstepExperiment.from_trainer(trainer).plan.decay_names == trainer_choice
+    assert _experiment(tmp_path / "d", digits).backend.plan.decay_names == trainer_choice
 
     with pytest.raises(ValueError, match="replicates"):
         _experiment(tmp_path / "a", digits, replicates=0)
@@ -817,22 +834,22 @@ def test_experiment_defaults_and_argument_errors(tmp_path, digits):
     with pytest.raises(ValueError, match="control_levels"):
         exp.run(controls=("reinit",), control_levels=[0])
     with pytest.raises(ValueError, match="no finished pruned level"):
-        exp.run_controls("reinit", levels=[1])
+        exp.run(controls=("reinit",), control_levels=[1], train_trunk=False)
     with pytest.raises(ValueError, match="validation"):
-        LockstepExperiment(
-            _model(0), _imp_config(), _experiment_args(tmp_path), digits["train"], {"test": digits["test"]}
+        run_experiment(
+            _ticket_trainer(tmp_path / "e", digits, eval_dataset={"test": digits["test"]}), backend="lockstep"
         )
     assert not os.path.exists(tmp_path / "c" / "level_00")
 
 
-# ---- 11-13: TicketTrainer(engine="batched") -------------------------------------------------------------------------
+# ---- 11-13: run_experiment(trainer, backend="lockstep") from a TicketTrainer ----------------------------------------
 
 
 class _UserCallback(TrainerCallback):
     pass
 
 
-def _ticket_trainer(out, digits, engine="batched", config=None, train_dataset=None, eval_dataset="default", **kw):
+def _ticket_trainer(out, digits, config=None, train_dataset=None, eval_dataset="default", **kw):
     arg_overrides = kw.pop("args", {})
     model = _model(0)
     return TicketTrainer(
@@ -845,73 +862,71 @@ def _ticket_trainer(out, digits, engine="batched", config=None, train_dataset=No
         data_collator=TensorImageDataset.collate,
         compute_metrics=kw.pop("compute_metrics", accuracy),
         sparsity_config=config or _imp_config(levels=1),
-        engine=engine,
         **kw,
     )
 
 
-def test_batched_engine_refuses_what_it_would_drop(tmp_path, digits, lockstep_calls):
+def test_lockstep_backend_refuses_what_it_would_drop(tmp_path, digits, lockstep_calls):
     import datasets
 
-    with pytest.raises(ValueError, match="engine='turbo' is unknown"):
-        _ticket_trainer(tmp_path, digits, engine="turbo")
-    with pytest.raises(ValueError, match="method='imp'"):
-        _ticket_trainer(tmp_path, digits, config=SparsityConfig(method="magnitude", sparsity=0.5))
+    with pytest.raises(TypeError, match="run_experiment"):
+        _ticket_trainer(tmp_path, digits, engine="batched")
+    with pytest.raises(ValueError, match="backend='turbo' is unknown"):
+        run_experiment(_ticket_trainer(tmp_path, digits), backend="turbo")
+    with pytest.raises(ValueError, match="iterative method"):
+        run_experiment(_ticket_trainer(tmp_path, digits, config=SparsityConfig(method="magnitude", sparsity=0.5)))
 
-    def fails_on_train(match, **kw):
-        trainer = _ticket_trainer(tmp_path, digits, **kw)
+    def fails(match, **kw):
         with pytest.raises(ValueError, match=match):
-            trainer.train()
+            run_experiment(_ticket_trainer(tmp_path, digits, **kw), backend="lockstep")
 
-    fails_on_train("rewind='lr'", config=_imp_config(levels=1, rewind="lr"))
-    fails_on_train("callbacks", callbacks=[_UserCallback()])
-    fails_on_train("compute_metrics", compute_metrics=lambda pred: {"accuracy": 1.0})
+    fails("rewind='lr'", config=_imp_config(levels=1, rewind="lr"))
+    fails("callbacks", callbacks=[_UserCallback()])
+    fails("compute_metrics", compute_metrics=lambda pred: {"accuracy": 1.0})
     rows = [digits["train"][i] for i in range(64)]
-    fails_on_train("TensorImageDataset", train_dataset=rows)
+    fails("TensorImageDataset", train_dataset=rows)
     table = datasets.Dataset.from_dict({"pixel_values": [r["pixel_values"].numpy() for r in rows], "labels": [0] * 64})
-    fails_on_train("TensorImageDataset", train_dataset=table)
-    fails_on_train("eval_dataset", eval_dataset=None, args={"eval_strategy": "no"})
-    fails_on_train("optim", args={"optim": "adafactor"})
-    fails_on_train("gradient_accumulation_steps", args={"gradient_accumulation_steps": 2})
+    fails("TensorImageDataset", train_dataset=table)
+    fails("eval_dataset", eval_dataset=None, args={"eval_strategy": "no"})
+    fails("optim", args={"optim": "adafactor"})
+    fails("gradient_accumulation_steps", args={"gradient_accumulation_steps": 2})
     model = _model(0)
     with pytest.raises(ValueError, match="optimizers"):
-        TicketTrainer(
+        trainer = TicketTrainer(
             model=model,
             args=_experiment_args(tmp_path),
             train_dataset=digits["train"],
             eval_dataset=digits["validation"],
             sparsity_config=_imp_config(levels=1),
             optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
-            engine="batched",
-        ).train()
-    with pytest.raises(ValueError, match="engine='batched'"):
-        _ticket_trainer(tmp_path, digits, engine="trainer").train_experiment()
-    with pytest.raises(ValueError, match="trunk_dir"):
-        _ticket_trainer(tmp_path, digits).train_control("reinit", trunk_dir=str(tmp_path / "elsewhere"))
+        )
+        run_experiment(trainer, backend="lockstep")
+    with pytest.raises(ValueError, match="control kinds"):
+        run_experiment(_ticket_trainer(tmp_path, digits), controls=("reinitt",), backend="lockstep")
     assert lockstep_calls == [], "an error path trained before failing"
     assert not os.path.exists(_level(tmp_path, 0))
 
 
-def _recipe_trainer(out, engine: str, *overrides: str) -> TicketTrainer:
-    """The quickstart recipe's trainer, with the recipe's `engine` key set to `engine`."""
-    trainer = build_trainer(load_recipe(QUICKSTART, [f"training.output_dir={out}", f"engine={engine}", *overrides]))
-    assert trainer.engine == engine
-    return trainer
+def _recipe_trainer(out, *overrides: str) -> TicketTrainer:
+    """The quickstart recipe's trainer."""
+    return build_trainer(load_recipe(QUICKSTART, [f"training.output_dir={out}", *overrides]))
 
 
-def test_ticket_trainer_batched_experiment_then_control_in_one_pass(tmp_path, lockstep_calls):
+def test_lockstep_experiment_then_control_in_one_pass(tmp_path, lockstep_calls):
     out = tmp_path / "quick"
     trainer = _recipe_trainer(
         out,
-        "batched",
         "training.max_steps=40",
         "training.eval_steps=20",
         "training.logging_steps=20",
         "sparsity.levels=2",
         "model.hidden_sizes=[32,16]",
     )
-    metrics = trainer.train_experiment(controls=("reinit",))
-    assert [(m["level"], m.get("control")) for m in metrics] == [(2, None), (2, "reinit")]
+    summary = run_experiment(trainer, controls=("reinit",), backend="lockstep")
+    assert summary.last_trunk_metrics["level"] == 2 and summary.trained[-2:] == [
+        "trunk[0] level 2",
+        "reinit[0] level 2",
+    ]
     assert [len(c["arms"]) for c in lockstep_calls] == [1, 2, 2]
     last = MaskSet.load(_level(out, 2))
     assert trainer.masks == last and trainer.masks.sparsity() > 0.3
@@ -919,13 +934,12 @@ def test_ticket_trainer_batched_experiment_then_control_in_one_pass(tmp_path, lo
     saved = load_file(os.path.join(_level(out, 2), "model.safetensors"))
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach().cpu(), saved[name]), f"trainer.model is not level 2's {name}"
-    assert trainer.last_experiment.replicate_root(0) == trainer.args.output_dir
 
     # A control for every finished level in one pass.
     lockstep_calls.clear()
-    folder = trainer.train_control("random_prune")
-    assert os.path.normpath(folder) == os.path.normpath(str(out) + ".random_prune")
-    assert len(lockstep_calls) == 1 and sorted(a.start_step for a in lockstep_calls[0]["arms"]) == [2, 2]
+    controls = run_controls(trainer, "random_prune", backend="lockstep")
+    assert controls.trained == ["random_prune[0] level 1", "random_prune[0] level 2"]
+    assert len(lockstep_calls) == 2 and all(a.start_step == 2 for c in lockstep_calls for a in c["arms"])
     for level in (1, 2):
         rand = MaskSet.load(_level(out, level, "random_prune"))
         trunk = MaskSet.load(_level(out, level))
@@ -934,33 +948,32 @@ def test_ticket_trainer_batched_experiment_then_control_in_one_pass(tmp_path, lo
     assert set(report["controls"]) == {"reinit", "random_prune"}
 
     lockstep_calls.clear()
-    trainer.train()  # everything is done: nothing trains again
+    trainer.train()  # everything is done: nothing trains again (train() is the trunk on the Trainer backend)
     assert lockstep_calls == []
 
 
-def test_batched_and_trainer_engines_agree_per_level(tmp_path):
+def test_lockstep_and_trainer_backends_agree_per_level(tmp_path):
     # The quickstart recipe (LeNet-300-100, Adam 1.2e-3, late rewinding to step 10 of 200, clipping at 1.0), one
-    # pruned level. The engines see different batch orders (their own samplers), so the numbers are those of two
+    # pruned level. The backends see different batch orders (their own samplers), so the numbers are those of two
     # seeds of one experiment, not the same bits: with 200 steps both reach ~98% test accuracy and their mean train
     # losses differ by ~1-2% (deterministic: same result every run on one platform).
     overrides = ("training.max_steps=200", "training.eval_steps=50", "sparsity.levels=1")
     results = {}
-    for engine in ("batched", "trainer"):
-        out = tmp_path / engine
-        trainer = _recipe_trainer(out, engine, *overrides)
-        trainer.train()
-        results[engine] = [_metrics(_level(out, level)) for level in (0, 1)]
+    for backend in ("lockstep", "trainer"):
+        out = tmp_path / backend
+        run_experiment(_recipe_trainer(out, *overrides), backend=backend)
+        results[backend] = [_metrics(_level(out, level)) for level in (0, 1)]
     for level in (0, 1):
-        batched, sequential = results["batched"][level], results["trainer"][level]
-        assert batched["engine"] == "batched" and sequential.get("engine", "trainer") == "trainer"
+        batched, sequential = results["lockstep"][level], results["trainer"][level]
+        assert batched["backend"] == "lockstep" and sequential["backend"] == "trainer"
         assert batched["sparsity"] == pytest.approx(sequential["sparsity"])
         assert batched["kept"] == sequential["kept"]
         acc_b = batched["test_at_early_stop"]["accuracy"]
         acc_s = sequential["test_at_early_stop"]["accuracy"]
-        assert abs(acc_b - acc_s) <= 0.03, f"level {level}: test accuracy {acc_b:.3f} (batched) vs {acc_s:.3f}"
+        assert abs(acc_b - acc_s) <= 0.03, f"level {level}: test accuracy {acc_b:.3f} (lockstep) vs {acc_s:.3f}"
         loss_b, loss_s = batched["train_loss"], sequential["train_loss"]
         assert abs(loss_b - loss_s) <= 0.2 * loss_s, f"level {level}: train loss {loss_b:.4f} vs {loss_s:.4f}"
-        assert acc_b > 0.9, f"level {level}: the batched engine did not learn digits ({acc_b:.3f})"
+        assert acc_b > 0.9, f"level {level}: the lockstep backend did not learn digits ({acc_b:.3f})"
 
 
 class _RecordingDataset(TensorImageDataset):

@@ -10,6 +10,7 @@ import pytest
 from conftest import make_cnn, make_dataset, training_args
 
 from hf_tickets import SparsityConfig, TicketTrainer
+from hf_tickets.lottery import run_controls
 from hf_tickets.lottery.identity import IDENTITY_NAME
 
 
@@ -68,11 +69,11 @@ def test_changed_pruning_settings_are_refused(tmp_path):
 def test_controls_after_train_use_the_runs_theta0_and_refuse_other_steps(tmp_path):
     trainer = _imp(tmp_path)
     trainer.train()
-    trainer.train_control("reinit")  # the trainer now holds trained weights: theta_0 is still the run's
+    run_controls(trainer, "reinit")  # the trainer now holds trained weights: theta_0 is still the run's
     assert (tmp_path.parent / f"{tmp_path.name}.reinit" / "level_01" / "metrics.json").is_file()
     other = _imp(tmp_path, max_steps=3)
     with pytest.raises(ValueError, match=r"training\.max_steps"):
-        other.train_control("random_prune")
+        run_controls(other, "random_prune")
 
 
 def test_identity_file_is_readable_json(tmp_path):

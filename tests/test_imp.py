@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer
+from hf_tickets.lottery import run_controls
 from hf_tickets.models import build_model
 
 
@@ -223,9 +224,10 @@ def test_controls_reuse_trunk_masks_or_counts(tmp_path):
     trainer.train()
     recorder = StartRecorder()
     trainer.add_callback(recorder)
-    reinit_dir = trainer.train_control("reinit")
-    random_dir = trainer.train_control("random_prune", levels=[2])
-    assert reinit_dir == str(trunk) + ".reinit" and os.path.isdir(random_dir)
+    run_controls(trainer, "reinit")
+    run_controls(trainer, "random_prune", levels=[2])
+    reinit_dir, random_dir = str(trunk) + ".reinit", str(trunk) + ".random_prune"
+    assert os.path.isdir(reinit_dir) and os.path.isdir(random_dir)
     theta0 = load_file(os.path.join(trunk, "init_weights.safetensors"))
     for level in (1, 2):
         trunk_masks = MaskSet.load(os.path.join(trunk, f"level_{level:02d}"))

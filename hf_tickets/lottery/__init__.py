@@ -1,9 +1,19 @@
-"""Lottery-ticket experiments: the IMP level loop, its controls, and the run report."""
+"""Lottery-ticket experiments: one IMP level loop (`LotteryRunner`) for trunk, controls and replicates, on the
+Trainer backend or the lockstep backend, and the run report."""
 
 from .batched import BatchedMaskedTraining
-from .controls import run_control
 from .layout import CONTROL_KINDS
-from .report import write_report
-from .runner import IMPRunner
+from .report import write_report, write_run_report
+from .runner import BACKENDS, LotteryRunner, RunSummary, run_controls, run_experiment
 
-__all__ = ["BatchedMaskedTraining", "CONTROL_KINDS", "IMPRunner", "run_control", "write_report"]
+__all__ = [
+    "BACKENDS",
+    "BatchedMaskedTraining",
+    "CONTROL_KINDS",
+    "LotteryRunner",
+    "RunSummary",
+    "run_controls",
+    "run_experiment",
+    "write_report",
+    "write_run_report",
+]

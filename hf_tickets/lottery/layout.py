@@ -1,22 +1,129 @@
-"""Where a lottery run's pieces live on disk: the trunk's level folders and the controls' folders beside it."""
+"""Every file and folder of a lottery run, in one place, and the atomic publish of a finished level.
+
+    <output_dir>/run_identity.json          what the run is (identity.py); a restart must match it
+    <root>/init_weights.safetensors         theta_0 of the replicate: rewind target of rewind="init" and controls
+    <root>/rewind_point/                    step k of level 0 (rewind="step"/"lr"), a Trainer checkpoint folder that
+                                            both backends write and read (rewind.py)
+    <root>/level_NN/                        trunk level: model.safetensors, masks.safetensors, metrics.json, card
+    <root>.reinit/level_NN/                 the controls, beside their trunk
+    <root>.random_prune/level_NN/
+    <root>.reinit/reinit_weights.safetensors
+    <root>/imp_report.json, imp_accuracy.png, imp_early_stop.png
+    <output_dir>/imp_report.json, ...       with replicates: the replicates' mean and spread
+
+with `<root>` = `output_dir` for one replicate and `output_dir/replicate_R` for several. A level is trained in
+`level_NN.partial/` and renamed to `level_NN/` when complete (`publish_level`), so a crash never leaves a
+half-written level and `is_complete` tells a restart where to go on.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from typing import Any
 
-from .levels import is_complete
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 CONTROL_KINDS = ("reinit", "random_prune")
+ARM_KINDS = ("trunk", *CONTROL_KINDS)
+
+METRICS_NAME = "metrics.json"
+INIT_WEIGHTS_NAME = "init_weights.safetensors"
+REINIT_WEIGHTS_NAME = "reinit_weights.safetensors"
+REWIND_DIR = "rewind_point"
+REPORT_NAME = "imp_report.json"
+ACCURACY_PLOT = "imp_accuracy.png"
+EARLY_STOP_PLOT = "imp_early_stop.png"
+REPLICATE_PREFIX = "replicate_"
+PARTIAL_SUFFIX = ".partial"
+
+
+def replicate_root(output_dir: str, replicate: int, replicates: int) -> str:
+    """Folder of one replicate's trunk: `output_dir` itself when there is only one."""
+    return output_dir if replicates == 1 else os.path.join(output_dir, f"{REPLICATE_PREFIX}{replicate}")
+
+
+def replicate_roots(output_dir: str) -> list[str]:
+    """The replicate folders a run holds (`replicate_0`, ...), or `[output_dir]` for a run of one."""
+    if not os.path.isdir(output_dir):
+        return [output_dir]
+    found = sorted(
+        (int(name[len(REPLICATE_PREFIX) :]), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if name.startswith(REPLICATE_PREFIX) and name[len(REPLICATE_PREFIX) :].isdigit()
+    )
+    return [path for _, path in found] or [output_dir]
 
 
 def control_dir(trunk_dir: str, kind: str) -> str:
     return os.path.normpath(trunk_dir) + f".{kind}"
 
 
+def arm_root(trunk_dir: str, kind: str) -> str:
+    """Where arm `kind` ("trunk" or a control) of a trunk writes its level folders."""
+    return trunk_dir if kind == "trunk" else control_dir(trunk_dir, kind)
+
+
+def level_dir(root: str, level: int) -> str:
+    return os.path.join(root, f"level_{level:02d}")
+
+
+def init_weights_path(root: str) -> str:
+    return os.path.join(root, INIT_WEIGHTS_NAME)
+
+
+def reinit_weights_path(trunk_dir: str) -> str:
+    return os.path.join(control_dir(trunk_dir, "reinit"), REINIT_WEIGHTS_NAME)
+
+
+def rewind_point_dir(root: str) -> str:
+    return os.path.join(root, REWIND_DIR)
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, METRICS_NAME))
+
+
+def level_number(folder: str) -> int:
+    return int(os.path.basename(os.path.normpath(folder))[len("level_") :])
+
+
+def finished_levels(root: str) -> list[int]:
+    """Every finished level (0 included) of one arm's folder."""
+    if not os.path.isdir(root):
+        return []
+    found = [
+        int(name[6:])
+        for name in os.listdir(root)
+        if name.startswith("level_") and name[6:].isdigit() and is_complete(os.path.join(root, name))
+    ]
+    return sorted(found)
+
+
 def trunk_levels(trunk_dir: str) -> list[int]:
     """Finished pruned levels (>= 1) of a trunk."""
-    found = []
-    for name in os.listdir(trunk_dir):
-        if name.startswith("level_") and name[6:].isdigit() and is_complete(os.path.join(trunk_dir, name)):
-            found.append(int(name[6:]))
-    return sorted(level for level in found if level >= 1)
+    return [level for level in finished_levels(trunk_dir) if level >= 1]
+
+
+def read_metrics(folder: str) -> dict[str, Any]:
+    with open(os.path.join(folder, METRICS_NAME), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def publish_level(partial: str, final_dir: str, metrics: dict) -> None:
+    """metrics.json, drop the level's Trainer checkpoints, then publish the folder with one rename."""
+    write_json_atomic(os.path.join(partial, METRICS_NAME), metrics)
+    for name in os.listdir(partial):
+        if name.startswith(PREFIX_CHECKPOINT_DIR):
+            shutil.rmtree(os.path.join(partial, name))
+    if os.path.isdir(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(partial, final_dir)

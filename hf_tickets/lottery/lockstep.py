@@ -23,8 +23,10 @@ from torch import nn
 
 from .batched import BatchedMaskedTraining
 
-# TrainingArguments.optim values and the BatchedMaskedTraining rule that computes the same update.
-OPTIM_RULES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}
+# The torch.optim class Trainer builds for `TrainingArguments.optim` -> the BatchedMaskedTraining rule that computes
+# the same update on stacked parameters (tested against torch.optim in tests/test_experiment.py).
+OPTIM_RULES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
+SUPPORTED_OPTIM = ["adamw_torch", "adamw_torch_fused", "sgd"]
 
 
 @dataclass
@@ -68,13 +70,16 @@ class TrainPlan:
 
 def plan_from_training_args(args, model: nn.Module, num_train_examples: int, decay_names=None) -> TrainPlan:
     """The `TrainPlan` that matches what `Trainer.train` would do with `args`, or a ValueError naming the field."""
-    from transformers import get_scheduler
+    from transformers import Trainer, get_scheduler
 
-    optim = getattr(args.optim, "value", args.optim)
-    if optim not in OPTIM_RULES:
+    # The optimizer Trainer would build (class and arguments, optim_args parsed by Trainer itself).
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    rule = OPTIM_RULES.get(optimizer_cls)
+    if rule is None:
+        optim = getattr(args.optim, "value", args.optim)
         raise ValueError(
-            f"TrainingArguments.optim={optim!r} is not supported by the batched engine: use one of "
-            f"{sorted(OPTIM_RULES)} (or engine='trainer')."
+            f"TrainingArguments.optim={optim!r} ({optimizer_cls.__name__}) is not supported by the lockstep backend: "
+            f"use one of {SUPPORTED_OPTIM} (or backend='trainer')."
         )
     if args.gradient_accumulation_steps != 1:
         raise ValueError(
@@ -98,15 +103,18 @@ def plan_from_training_args(args, model: nn.Module, num_train_examples: int, dec
         total = int(args.max_steps)
     else:
         total = int(math.ceil(args.num_train_epochs * per_epoch))
-    rule = OPTIM_RULES[optim]
-    extra = _optim_args(getattr(args, "optim_args", None))
-    momentum = float(extra.pop("momentum", 0.0))
-    nesterov = str(extra.pop("nesterov", "False")).lower() in ("true", "1")
-    if float(extra.pop("dampening", 0.0)) != 0.0 or extra:
+    extra = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "betas", "eps", "momentum", "nesterov")}
+    extra.pop("fused", None)  # a kernel choice, not a different update
+    extra.pop("foreach", None)
+    if any(extra.values()):
         raise ValueError(
-            f"TrainingArguments.optim_args={args.optim_args!r}: the batched engine supports momentum and nesterov "
-            "only (dampening 0)."
+            f"TrainingArguments.optim_args={args.optim_args!r} gives {optimizer_cls.__name__} {extra}: the lockstep "
+            "backend supports momentum and nesterov only (dampening 0)."
         )
+    momentum = float(optimizer_kwargs.get("momentum", 0.0))
+    nesterov = bool(optimizer_kwargs.get("nesterov", False))
+    betas = tuple(float(b) for b in optimizer_kwargs.get("betas", (args.adam_beta1, args.adam_beta2)))
+    eps = float(optimizer_kwargs.get("eps", args.adam_epsilon))
     # The learning rate of each step, from the Trainer's own scheduler on a stand-in optimizer.
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
     scheduler = get_scheduler(
@@ -137,25 +145,14 @@ def plan_from_training_args(args, model: nn.Module, num_train_examples: int, dec
         momentum=momentum,
         nesterov=nesterov,
         weight_decay=float(args.weight_decay),
-        betas=(float(args.adam_beta1), float(args.adam_beta2)),
-        eps=float(args.adam_epsilon),
+        betas=betas,
+        eps=eps,
         max_grad_norm=float(args.max_grad_norm or 0.0),
         eval_steps=eval_steps,
         seed=int(args.seed),
         decay_names=set(decay_names) if decay_names is not None else None,
         eval_batch_size=int(args.per_device_eval_batch_size),
     )
-
-
-def _optim_args(text: Optional[str]) -> dict[str, str]:
-    if not text:
-        return {}
-    out = {}
-    for item in text.replace(" ", "").split(","):
-        if item:
-            key, _, value = item.partition("=")
-            out[key] = value
-    return out
 
 
 def batch_tables(plan: TrainPlan, num_examples: int, replicates: int, device) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The run report: imp_report.json and two plots, rebuilt from the level folders of a trunk and its controls."""
+"""The run report: imp_report.json and two plots, rebuilt from the level folders of a trunk and its controls.
+
+A run with replicates gets one report per replicate (in its folder) and, at the run's root, one that gives each
+level's mean and spread over the replicates for the ticket and each control (`aggregate_replicates`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,18 @@ import json
 import os
 from typing import Any, Optional
 
-from .layout import CONTROL_KINDS, control_dir
-from .levels import METRICS_NAME
+import numpy as np
 
-REPORT_NAME = "imp_report.json"
-ACCURACY_PLOT = "imp_accuracy.png"
-EARLY_STOP_PLOT = "imp_early_stop.png"
+from .layout import (
+    ACCURACY_PLOT,
+    CONTROL_KINDS,
+    EARLY_STOP_PLOT,
+    METRICS_NAME,
+    REPORT_NAME,
+    control_dir,
+    replicate_roots,
+    write_json_atomic,
+)
 
 
 def _levels(root: str) -> list[dict]:
@@ -39,7 +49,8 @@ def write_report(root: str, tolerance: float = 0.01) -> dict[str, Any]:
     """Summarise a trunk (and controls next to it) into `<root>/imp_report.json` and the PNG plots.
 
     Args:
-        tolerance: a level is in the winning-ticket range when its accuracy is at least dense accuracy - tolerance.
+        tolerance: a pruned level is a winning ticket when its accuracy is at least dense accuracy - tolerance (the
+            dense level itself is not a ticket).
     """
     trunk = _levels(root)
     controls = {kind: _levels(control_dir(root, kind)) for kind in CONTROL_KINDS}
@@ -47,7 +58,9 @@ def write_report(root: str, tolerance: float = 0.01) -> dict[str, Any]:
     dense_score = score(dense)[0] if dense else None
     winning = []
     if dense_score is not None:
-        winning = [row["level"] for row in trunk if (score(row)[0] or -1.0) >= dense_score - tolerance]
+        winning = [
+            row["level"] for row in trunk if row["level"] > 0 and (score(row)[0] or -1.0) >= dense_score - tolerance
+        ]
     gaps = {}
     reinit_by_level = {row.get("trunk_level"): row for row in controls["reinit"]}
     for row in trunk:
@@ -66,13 +79,124 @@ def write_report(root: str, tolerance: float = 0.01) -> dict[str, Any]:
         "trunk": trunk,
         "controls": {kind: rows for kind, rows in controls.items() if rows},
     }
-    tmp = os.path.join(root, REPORT_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, os.path.join(root, REPORT_NAME))
+    write_json_atomic(os.path.join(root, REPORT_NAME), report)
     if trunk:
         plot_report(report, root)
     return report
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), min, max and count."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n": int(len(arr)),
+    }
+
+
+def aggregate_replicates(reports: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
+    """One report over replicate reports: per level, mean and spread of the ticket's and each control's score.
+
+    Winning-ticket levels are judged on the means (a pruned level whose mean is within `tolerance` of the dense
+    level's mean)."""
+    arms: dict[str, dict[int, list[dict]]] = {"ticket": {}}
+    for report in reports:
+        for row in report["trunk"]:
+            arms["ticket"].setdefault(row["level"], []).append(row)
+        for kind, rows in report["controls"].items():
+            for row in rows:
+                arms.setdefault(kind, {}).setdefault(row["trunk_level"], []).append(row)
+    levels = []
+    for level in sorted(arms["ticket"]):
+        entry: dict[str, Any] = {"level": level}
+        for arm, by_level in arms.items():
+            rows = by_level.get(level, [])
+            scores = [score(row)[0] for row in rows if score(row)[0] is not None]
+            if scores:
+                entry[arm] = spread(scores)
+            if arm == "ticket" and rows:
+                entry["remaining_weights_pct"] = spread([row["remaining_weights_pct"] for row in rows])["mean"]
+                stops = [row["early_stop_step"] for row in rows if row.get("early_stop_step") is not None]
+                if stops:
+                    entry["early_stop_step"] = spread(stops)
+        levels.append(entry)
+    dense = next((e["ticket"]["mean"] for e in levels if e["level"] == 0 and "ticket" in e), None)
+    winning = []
+    if dense is not None:
+        winning = [
+            e["level"] for e in levels if e["level"] > 0 and e.get("ticket", {}).get("mean", -1) >= dense - tolerance
+        ]
+    return {
+        "replicates": len(reports),
+        "scored_by": reports[0]["scored_by"] if reports else "none",
+        "tolerance": tolerance,
+        "dense_accuracy": dense,
+        "winning_ticket_levels": winning,
+        "levels": levels,
+    }
+
+
+def write_run_report(output_dir: str, last_run: Optional[dict] = None) -> dict[str, Any]:
+    """Reports of a whole run: each replicate's, and with several replicates their aggregate at `output_dir`.
+
+    Returns the report at `output_dir` (the single trunk's, or the aggregate). `last_run` (which arms this call
+    trained and reused) is recorded in it."""
+    roots = replicate_roots(output_dir)
+    reports = [write_report(root) for root in roots]
+    if roots == [output_dir]:
+        report = reports[0]
+    else:
+        report = aggregate_replicates(reports)
+        report["replicate_dirs"] = roots
+        plot_aggregate(report, output_dir)
+    if last_run is not None:
+        report["last_run"] = last_run
+    write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
+    return report
+
+
+def plot_aggregate(report: dict, root: str) -> None:
+    """Accuracy vs remaining weights with mean and standard deviation over replicates, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {
+        "ticket": "IMP ticket (rewind)",
+        "reinit": "control: random re-init",
+        "random_prune": "control: random pruning",
+    }
+    for arm, label in labels.items():
+        points = [(e["remaining_weights_pct"], e[arm]) for e in report["levels"] if arm in e]
+        if points:
+            points.sort(key=lambda p: -p[0])
+            ax.errorbar(
+                [p[0] for p in points],
+                [100 * p[1]["mean"] for p in points],
+                yerr=[100 * p[1]["std"] for p in points],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+    if report["dense_accuracy"] is not None:
+        ax.axhline(100 * report["dense_accuracy"], color="gray", linestyle="--", label="dense (mean)")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("remaining weights (%)")
+    ax.set_ylabel(f"accuracy (%), mean ± std over {report['replicates']} replicates")
+    ax.set_title("Lottery tickets vs controls")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    tmp = os.path.join(root, ACCURACY_PLOT + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(root, ACCURACY_PLOT))
 
 
 def plot_report(report: dict, root: str) -> None:

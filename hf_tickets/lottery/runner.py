@@ -1,139 +1,414 @@
-"""The IMP level loop: train -> prune (new mask inside the old) -> rewind -> train again, one folder per level.
+"""The lottery runner: the one IMP level loop, for the trunk, its controls and replicates, on either backend.
 
-Layout of a run (`TrainingArguments.output_dir`):
+Per level it plans every arm (the trunk of each replicate; the `reinit` and `random_prune` controls at the levels
+asked for), skips arms whose level folder is finished, and hands the rest to a backend: `"trainer"` trains them
+one at a time through the `TicketTrainer` (every Trainer feature), `"lockstep"` trains them together in one pass
+(small image networks; see `lockstep_backend.py`). Both read and write the same files (`layout.py`, `rewind.py`),
+so a run may mix them: a trunk trained by one and controls by the other.
 
-    init_weights.safetensors   theta_0, the rewind target of rewind="init" (and of the controls)
-    rewind_point/              Trainer checkpoint at step k of level 0 (rewind="step"/"lr")
-    level_00/ ... level_NN/    model.safetensors, masks.safetensors, metrics.json, README.md per level
-    imp_report.json, imp_accuracy.png, imp_early_stop.png
-
-The run is idempotent: finished levels are skipped, and a level interrupted mid-way resumes from its last
-Trainer checkpoint, so a restarted run ends with the same masks as an uninterrupted one.
+Before anything is trained or reused, the run's identity is checked (`identity.py`): a restart with other settings
+stops with the fields that differ. Each level's metrics.json records what determines it (the run identity, the
+masks and start weights it used, the backend) and the command that produced it.
 """
 
 from __future__ import annotations
 
-import math
+import copy
+import logging
 import os
-from typing import TYPE_CHECKING
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
-from safetensors.torch import load_model
+import torch
+from safetensors.torch import save_model
 
+from ..allocation import random_masks_like
+from ..checkpoints import load_saved_weights
 from ..masks import MaskSet
-from .identity import check_identity, run_identity
-from .levels import REWIND_DIR, LevelStart, RewindCapture, is_complete, level_dir, save_init_weights, train_level
+from .arms import Arm, masked_copy_digest
+from .identity import _tensors_digest, check_identity, run_identity
+from .layout import (
+    CONTROL_KINDS,
+    arm_root,
+    init_weights_path,
+    is_complete,
+    level_dir,
+    read_metrics,
+    reinit_weights_path,
+    replicate_root,
+    rewind_point_dir,
+)
+from .lockstep import load_weights_
 
 if TYPE_CHECKING:
     from ..trainer import TicketTrainer
 
+logger = logging.getLogger(__name__)
 
-def planned_steps(trainer: "TicketTrainer") -> int:
-    """Optimizer steps in one level, as the Trainer will compute them."""
-    args = trainer.args
-    if args.max_steps and args.max_steps > 0:
-        return int(args.max_steps)
-    batches = len(trainer.get_train_dataloader())
-    per_epoch = max(batches // args.gradient_accumulation_steps, 1)
-    return int(math.ceil(args.num_train_epochs * per_epoch))
+BACKENDS = ("trainer", "lockstep")
+REINIT_SEED_OFFSET = 1_000_003  # the reinit control's seed is the trunk's seed plus this: "another seed"
+REPLICATE_SEED_OFFSET = 7919  # replicate r > 0 draws theta_0 from the trunk seed plus r times this
 
 
-class IMPRunner:
-    """Runs every level of an IMP experiment with one `TicketTrainer`."""
+@dataclass
+class RunSummary:
+    """What one call of the runner did: arms trained and reused (names like `trunk[0] level 3`), last metrics."""
 
-    def __init__(self, trainer: "TicketTrainer") -> None:
+    trained: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    last_trunk_metrics: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+def fresh_init_weights(model: torch.nn.Module, seed: int, path: str) -> str:
+    """Write a new random initialisation of `model`'s architecture (its own init scheme) to `path`, once."""
+    if os.path.isfile(path):
+        return path
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(type(model), "config_class"):
+            fresh = type(model)(config)
+        else:
+            fresh = copy.deepcopy(model).cpu()
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_model(fresh, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+class LotteryRunner:
+    """Runs the levels of an IMP experiment described by a `TicketTrainer` (model, `SparsityConfig`, arguments, data).
+
+    Args:
+        trainer: a `TicketTrainer` with an iterative method (`method="imp"`); its model's weights are theta_0.
+        backend: `"trainer"` or `"lockstep"`.
+        replicates: independent repetitions (own theta_0 and data order); with more than one, replicate r writes
+            to `<output_dir>/replicate_r` and the run's report gives each level's mean and spread.
+        command: the command line recorded as "produced by" in the levels it trains (default: this process's).
+    """
+
+    def __init__(
+        self, trainer: "TicketTrainer", backend: str = "trainer", replicates: int = 1, command: Optional[str] = None
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}.")
+        if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+            raise ValueError(f"replicates must be an int >= 1, got {replicates!r}.")
+        method = getattr(trainer, "sparsity_method", None)
+        if method is None or not method.iterative:
+            name = getattr(getattr(trainer, "sparsity_config", None), "method", None)
+            raise ValueError(
+                f"a lottery run needs an iterative method (SparsityConfig(method='imp', ...)), got method={name!r}."
+            )
         self.trainer = trainer
         self.config = trainer.sparsity_config
-        self.root = trainer.args.output_dir
-        self.method = trainer.sparsity_method
+        self.method = method
+        self.replicates = replicates
+        self.output_dir = trainer.args.output_dir
+        self.command = command or shlex.join([os.path.basename(sys.executable), *sys.argv])
+        self._validate_trainer()
+        if backend == "lockstep":
+            from .lockstep_backend import LockstepBackend
 
-    def rewind_step(self) -> int:
-        """k in optimizer steps; raises before any training when it cannot be reached."""
-        total = planned_steps(self.trainer)
-        k = self.config.rewind_step_for(total)
-        if self.config.rewind in ("step", "lr") and k >= total:
-            raise ValueError(
-                f"SparsityConfig.rewind_step={self.config.rewind_step} is step {k}, at or past the end of training "
-                f"({total} steps per level): choose a step below {total} or a fraction such as 0.05."
-            )
-        return k
+            self.backend = LockstepBackend(trainer, replicates)
+        else:
+            from .trainer_backend import TrainerBackend
 
-    def validate(self) -> None:
-        if self.trainer.args.load_best_model_at_end:
+            self.backend = TrainerBackend(trainer)
+        self.k = self._rewind_step()
+        self.identity = run_identity(self.config, trainer.args, trainer.model, trainer.train_dataset)
+        self.identity_sha256 = _json_digest(self.identity)
+        self.template = _cpu_copy(trainer.model)
+        self.level0_masks = trainer.masks
+
+    # ---- checks before anything runs --------------------------------------------------------------------------
+
+    def _validate_trainer(self) -> None:
+        trainer = self.trainer
+        if trainer.args.load_best_model_at_end:
             raise ValueError(
                 "TrainingArguments.load_best_model_at_end is not supported with an iterative method: each level must "
                 "end with its last weights (the early-stop step is recorded in metrics.json instead)."
             )
-        if getattr(self.trainer, "_user_optimizer", False):
+        if getattr(trainer, "_user_optimizer", False):
             raise ValueError(
                 "an iterative method re-creates the optimizer at every level: pass no `optimizers=` to TicketTrainer "
                 "(use TrainingArguments.optim) so that rewinding can restore optimizer state."
             )
-        self.rewind_step()
 
-    def run(self):
-        self.validate()
-        cfg, trainer = self.config, self.trainer
-        k = self.rewind_step()
-        levels = cfg.num_levels()
-        identity = run_identity(cfg, trainer.args, trainer.model, trainer.train_dataset)
-        check_identity(self.root, identity, write=trainer.args.should_save)  # before anything is reused or trained
-        init_file = save_init_weights(trainer.model, self.root, write=trainer.args.should_save)
-        trainer.accelerator.wait_for_everyone()
-        rewind_dir = os.path.join(self.root, REWIND_DIR)
-        masks = trainer.masks
-        output = None
-        for level in range(levels + 1):
-            final = level_dir(self.root, level)
-            if is_complete(final):
-                masks = MaskSet.load(final)
-                continue
-            if level > 0:
-                masks = self._masks_after(level - 1, masks)
-            start, callbacks = self._start(level, k, init_file, rewind_dir)
-            output = train_level(
-                trainer,
-                final,
-                masks,
-                start,
-                {"rewind": cfg.rewind, "rewind_step_k": k, "config_hash": cfg.hashname()},
-                callbacks,
+    def _rewind_step(self) -> int:
+        """k in optimizer steps; raises before any training when it cannot be reached."""
+        cfg, backend = self.config, self.backend
+        if backend.name == "lockstep" and cfg.rewind not in ("init", "step"):
+            raise ValueError(
+                f"SparsityConfig.rewind={cfg.rewind!r} is not supported by the lockstep backend: use 'init' or "
+                "'step' (late rewinding), or backend='trainer'."
             )
-        from .report import write_report
+        total = backend.total_steps()
+        k = cfg.rewind_step_for(total)
+        if cfg.rewind in ("step", "lr") and k >= total:
+            raise ValueError(
+                f"SparsityConfig.rewind_step={cfg.rewind_step} is step {k}, at or past the end of training "
+                f"({total} steps per level): choose a step below {total} or a fraction such as 0.05."
+            )
+        return k if cfg.rewind in ("step", "lr") else 0
 
-        if trainer.args.should_save:
-            write_report(self.root)
-        return output
+    def _check_controls(self, controls, control_levels) -> tuple[tuple, set]:
+        controls = tuple(controls or ())
+        unknown = [kind for kind in controls if kind not in CONTROL_KINDS]
+        if unknown:
+            raise ValueError(f"control kinds {unknown} are unknown: choose from {list(CONTROL_KINDS)}.")
+        if controls and self.config.rewind not in ("init", "step"):
+            raise ValueError(
+                f"controls rewind like the trunk, but the trunk uses rewind={self.config.rewind!r}: controls are "
+                "defined for rewind='init' or 'step'."
+            )
+        levels = self.config.num_levels()
+        wanted = set(range(1, levels + 1)) if control_levels is None else set(control_levels)
+        bad = sorted(level for level in wanted if not isinstance(level, int) or not 1 <= level <= levels)
+        if bad:
+            raise ValueError(f"control_levels {bad} are not pruned levels of this run (1..{levels}).")
+        return controls, wanted
 
-    def _masks_after(self, level: int, current: MaskSet) -> MaskSet:
-        """Prune the finished `level`'s final weights: masks for level + 1 (a subset of `current`)."""
-        final = level_dir(self.root, level)
-        model = self.trainer.model
-        load_model(
-            model, os.path.join(final, "model.safetensors"), strict=False, device=str(next(model.parameters()).device)
-        )
-        return self.method.next_level_masks(model, current, level + 1)
+    # ---- the run ------------------------------------------------------------------------------------------------
 
-    def _start(self, level: int, k: int, init_file: str, rewind_dir: str) -> tuple[LevelStart, tuple]:
+    def run(self, controls=(), control_levels: Optional[list[int]] = None, train_trunk: bool = True) -> RunSummary:
+        """Train every level of every replicate with `controls` at `control_levels` (default: every pruned level).
+
+        With `train_trunk=False` only controls are trained, for trunk levels that are already finished (all of them
+        by default); a level whose trunk is missing is an error.
+        """
+        controls, wanted = self._check_controls(controls, control_levels)
+        trainer = self.trainer
+        writer = trainer.args.should_save
+        check_identity(self.output_dir, self.identity, write=writer and train_trunk)
+        if not train_trunk:
+            wanted = self._finished_trunk_levels(wanted if control_levels is not None else None)
+        self._write_start_files(controls, writer)
+        trainer.accelerator.wait_for_everyone()
+        summary = RunSummary()
+        masks = [self._level0_masks(r) for r in range(self.replicates)]
+        top = self.config.num_levels() if train_trunk else max(wanted, default=0)
+        for level in range(top + 1):
+            if level > 0:
+                masks = [self._masks_for(r, level, masks[r]) for r in range(self.replicates)]
+            arms = []
+            for r in range(self.replicates):
+                if train_trunk:
+                    arms.append(self._trunk_arm(r, level, masks[r]))
+                if level in wanted:
+                    arms += [self._control_arm(kind, r, level, masks[r]) for kind in controls]
+            todo = [arm for arm in arms if not is_complete(arm.folder)]
+            summary.reused += [arm.name for arm in arms if arm not in todo]
+            for arm in todo:
+                logger.info("training %s", arm.name)
+            results = self.backend.train(todo)
+            summary.trained += [arm.name for arm in todo]
+            for arm, metrics in zip(todo, results):
+                if arm.kind == "trunk" and arm.replicate == 0:
+                    summary.last_trunk_metrics = metrics
+        if writer:
+            from .report import write_run_report
+
+            summary.report = write_run_report(self.output_dir, {"trained": summary.trained, "reused": summary.reused})
+        trainer.accelerator.wait_for_everyone()
+        self._load_last_trunk_level()
+        return summary
+
+    def _level0_masks(self, r: int) -> MaskSet:
+        done = level_dir(replicate_root(self.output_dir, r, self.replicates), 0)
+        return MaskSet.load(done) if is_complete(done) else self.level0_masks
+
+    def _finished_trunk_levels(self, requested: Optional[set]) -> set:
+        from .layout import trunk_levels
+
+        wanted: set = set()
+        for r in range(self.replicates):
+            root = replicate_root(self.output_dir, r, self.replicates)
+            available = trunk_levels(root)
+            levels = set(available) if requested is None else requested
+            missing = sorted(level for level in levels if level not in available)
+            if missing:
+                raise ValueError(
+                    f"trunk {root!r} has no finished pruned level {missing}: finished ones are {available}."
+                )
+            wanted |= levels
+        return wanted
+
+    def _write_start_files(self, controls: tuple, writer: bool) -> None:
+        """theta_0 of every replicate (replicate 0: the model as given) and the reinit control's weights."""
+        for r in range(self.replicates):
+            root = replicate_root(self.output_dir, r, self.replicates)
+            path = init_weights_path(root)
+            if writer and not os.path.isfile(path):
+                if r == 0:
+                    os.makedirs(root, exist_ok=True)
+                    save_model(self.template, path + ".tmp")
+                    os.replace(path + ".tmp", path)
+                else:
+                    fresh_init_weights(self.template, self.config.seed + REPLICATE_SEED_OFFSET * r, path)
+            if writer and "reinit" in controls:
+                fresh_init_weights(self.template, self.config.seed + REINIT_SEED_OFFSET + r, reinit_weights_path(root))
+
+    # ---- planning the arms of a level ---------------------------------------------------------------------------
+
+    def _masks_for(self, r: int, level: int, current: MaskSet) -> MaskSet:
+        """Masks of `level` for replicate r: from its folder if finished, else prune level-1's final weights."""
+        root = replicate_root(self.output_dir, r, self.replicates)
+        done = level_dir(root, level)
+        if is_complete(done):
+            return MaskSet.load(done)
+        model = _cpu_copy(self.template)
+        load_weights_(model, load_saved_weights(level_dir(root, level - 1), model))
+        return self.method.next_level_masks(model, current, level)
+
+    def _common_metrics(self, r: int, masks: MaskSet) -> dict[str, Any]:
+        return {
+            "replicate": r,
+            "rewind": self.config.rewind,
+            "rewind_step_k": self.k,
+            "config_hash": self.config.hashname(),
+            "produced_by": self.command,
+            "identity": {"run_sha256": self.identity_sha256, "masks_sha256": _tensors_digest(sorted(masks.items()))},
+        }
+
+    def _trunk_arm(self, r: int, level: int, masks: MaskSet) -> Arm:
         cfg = self.config
+        root = replicate_root(self.output_dir, r, self.replicates)
+        arm = Arm("trunk", r, level, level_dir(root, level), masks, seed=self.trainer.args.seed + r)
+        arm.extra_metrics = self._common_metrics(r, masks)
+        init_file, rewind_dir = init_weights_path(root), rewind_point_dir(root)
+        previous = os.path.join(level_dir(root, level - 1), "model.safetensors")
         if level == 0:
-            capture = (RewindCapture(k, rewind_dir),) if cfg.rewind in ("step", "lr") and k > 0 else ()
-            return LevelStart(weights_file=init_file), capture
-        previous = os.path.join(level_dir(self.root, level - 1), "model.safetensors")
-        if cfg.rewind == "init" or (cfg.rewind == "step" and k == 0):
-            return LevelStart(weights_file=init_file), ()
-        if cfg.rewind == "step":
-            return LevelStart(resume_from=rewind_dir), ()
-        if cfg.rewind == "lr":
-            return LevelStart(resume_from=rewind_dir if k > 0 else None, weights_file=previous), ()
-        # "none": fine-tune the previous level's weights at its last learning rate.
-        last_lr = _last_learning_rate(self.trainer, level - 1, self.root)
-        overrides = {"lr_scheduler_type": "constant", "learning_rate": last_lr, "warmup_steps": 0}
-        return LevelStart(weights_file=previous, args_overrides=overrides), ()
+            arm.weights_file = init_file
+            if cfg.rewind in ("step", "lr") and self.k > 0:
+                arm.capture_rewind_point, arm.capture_step = rewind_dir, self.k
+        elif cfg.rewind == "init" or (cfg.rewind == "step" and self.k == 0):
+            arm.weights_file = init_file
+        elif cfg.rewind == "step":
+            arm.rewind_point = self._rewind_point(root)
+        elif cfg.rewind == "lr":
+            arm.rewind_point = self._rewind_point(root) if self.k > 0 else None
+            arm.weights_file = previous
+        else:  # "none": fine-tune the previous level's weights at its last learning rate
+            last_lr = read_metrics(level_dir(root, level - 1)).get(
+                "last_learning_rate", self.trainer.args.learning_rate
+            )
+            arm.weights_file = previous
+            arm.args_overrides = {"lr_scheduler_type": "constant", "learning_rate": float(last_lr), "warmup_steps": 0}
+        self._plan_start(arm)
+        return arm
+
+    def _control_arm(self, kind: str, r: int, level: int, trunk_masks: MaskSet) -> Arm:
+        root = replicate_root(self.output_dir, r, self.replicates)
+        meta = dict(trunk_masks.metadata, control=kind, level=level)
+        if kind == "reinit":
+            masks = MaskSet({n: m.clone() for n, m in trunk_masks.items()}, meta)
+        else:
+            seed = self.config.seed + level + REPLICATE_SEED_OFFSET * r
+            masks = MaskSet(random_masks_like(trunk_masks, seed), meta)
+        arm = Arm(kind, r, level, level_dir(arm_root(root, kind), level), masks, seed=self.trainer.args.seed + r)
+        arm.extra_metrics = dict(
+            self._common_metrics(r, masks),
+            control=kind,
+            trunk_dir=os.path.abspath(root),
+            trunk_level=level,
+            trunk_config_hash=self.config.hashname(),
+            trunk_masks=os.path.join(os.path.abspath(level_dir(root, level)), "masks.safetensors"),
+        )
+        if kind == "reinit":
+            arm.weights_file = reinit_weights_path(root)
+        elif self.config.rewind == "step" and self.k > 0:
+            arm.rewind_point = self._rewind_point(root)
+        else:
+            arm.weights_file = init_weights_path(root)
+        self._plan_start(arm)
+        return arm
+
+    def _rewind_point(self, root: str) -> str:
+        path = rewind_point_dir(root)
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"{path} is missing: level 0 of this run must be trained (again) to make the rewind point "
+                f"(step {self.k}); remove {level_dir(root, 0)} and run again."
+            )
+        return path
+
+    def _plan_start(self, arm: Arm) -> None:
+        """Record (and have the backend check) the masked weights the arm starts from: the rewind point's, or
+        its start file's. Level 0 of a trunk and fine-tuning arms start from files too."""
+        if is_complete(arm.folder):
+            return
+        weights: dict = {}
+        step = 0
+        if arm.rewind_point is not None:
+            from .rewind import rewind_point_step
+
+            weights.update(load_saved_weights(arm.rewind_point, self.template))
+            step = rewind_point_step(arm.rewind_point) or 0
+        if arm.weights_file is not None:
+            weights.update(load_saved_weights(arm.weights_file, self.template))
+        identity = arm.extra_metrics["identity"]
+        identity["start_step"] = step
+        identity["start_weights_sha256"] = masked_copy_digest(self.template, weights, dict(arm.masks))
+
+    # ---- after the run ------------------------------------------------------------------------------------------
+
+    def _load_last_trunk_level(self) -> None:
+        """The trainer ends holding replicate 0's last finished trunk level (weights and masks), as after train()."""
+        from .layout import finished_levels
+
+        root = replicate_root(self.output_dir, 0, self.replicates)
+        levels = finished_levels(root)
+        if not levels:
+            return
+        folder = level_dir(root, max(levels))
+        device = next(self.trainer.model.parameters()).device
+        weights = load_saved_weights(folder, self.trainer.model)
+        load_weights_(self.trainer.model, {k: v.to(device) for k, v in weights.items()})
+        self.trainer.set_masks(MaskSet.load(folder))
 
 
-def _last_learning_rate(trainer: "TicketTrainer", level: int, root: str) -> float:
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    from .lockstep_backend import cpu_copy
+
+    return cpu_copy(model)
+
+
+def _json_digest(data: Any) -> str:
+    import hashlib
     import json
 
-    with open(os.path.join(level_dir(root, level), "metrics.json"), encoding="utf-8") as fh:
-        metrics = json.load(fh)
-    return float(metrics.get("last_learning_rate", trainer.args.learning_rate))
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_experiment(
+    trainer: "TicketTrainer",
+    controls=(),
+    control_levels: Optional[list[int]] = None,
+    replicates: int = 1,
+    backend: str = "trainer",
+    command: Optional[str] = None,
+) -> RunSummary:
+    """Every level of the trunk, `controls` ("reinit", "random_prune") and `replicates`; see `LotteryRunner`."""
+    return LotteryRunner(trainer, backend, replicates, command).run(controls, control_levels)
+
+
+def run_controls(
+    trainer: "TicketTrainer",
+    controls,
+    levels: Optional[list[int]] = None,
+    replicates: int = 1,
+    backend: str = "trainer",
+    command: Optional[str] = None,
+) -> RunSummary:
+    """Controls for finished trunk levels (default: all of them) of the run in `trainer.args.output_dir`."""
+    if isinstance(controls, str):
+        controls = (controls,)
+    return LotteryRunner(trainer, backend, replicates, command).run(controls, levels, train_trunk=False)

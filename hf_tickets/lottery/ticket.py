@@ -7,8 +7,8 @@ import shutil
 from typing import TYPE_CHECKING, Optional
 
 from ..cards import upsert_card_section
-from .levels import level_dir
-from .report import ACCURACY_PLOT, EARLY_STOP_PLOT, score, write_report
+from .layout import ACCURACY_PLOT, EARLY_STOP_PLOT, level_dir, read_metrics
+from .report import score, write_report
 
 if TYPE_CHECKING:
     from ..trainer import TicketTrainer
@@ -67,6 +67,8 @@ def export_ticket(
     for plot in (ACCURACY_PLOT, EARLY_STOP_PLOT):
         if os.path.isfile(os.path.join(root, plot)):
             shutil.copy2(os.path.join(root, plot), os.path.join(tmp, plot))
+    # the command that produced the chosen level's weights (recorded when it was trained), not this call's
+    command = read_metrics(source).get("produced_by") or command
     upsert_card_section(tmp, "lottery", lottery_section(report, chosen, command))
     if os.path.isdir(destination):
         shutil.rmtree(destination)

@@ -1,0 +1,67 @@
+"""One network of a lottery level: what the runner plans and a backend trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..masks import MaskSet
+from .identity import weights_digest
+
+
+@dataclass
+class Arm:
+    """A network to train for one level: the trunk, a control or a replicate's, with where it starts.
+
+    Attributes:
+        kind: "trunk", "reinit" or "random_prune".
+        replicate: which replicate (own theta_0 and data order).
+        level: the IMP level.
+        folder: the level folder it is published to.
+        masks: its masks (metadata: level, control).
+        weights_file: weights it starts from (theta_0, reinit weights), loaded after `rewind_point` if both.
+        rewind_point: the rewind point (step k of level 0) it resumes from, or None to start at step 0.
+        capture_rewind_point: level 0 of a late-rewound trunk: write the rewind point here at step `capture_step`.
+        seed: the seed of its data order and dropout (the run's seed plus the replicate).
+        args_overrides: TrainingArguments changed for this arm only (Trainer backend: fine-tuning at a constant LR).
+        extra_metrics: written into its metrics.json (what it is, where its masks came from, how it was produced).
+    """
+
+    kind: str
+    replicate: int
+    level: int
+    folder: str
+    masks: MaskSet
+    weights_file: Optional[str] = None
+    rewind_point: Optional[str] = None
+    capture_rewind_point: Optional[str] = None
+    capture_step: int = 0
+    seed: int = 0
+    args_overrides: dict = field(default_factory=dict)
+    extra_metrics: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}[{self.replicate}] level {self.level}"
+
+
+def start_digest(model: nn.Module) -> str:
+    """Hash of the masked weights an arm starts from: equal for both backends when they start alike."""
+    return weights_digest(model)
+
+
+def masked_copy_digest(template: nn.Module, weights: dict, masks: dict) -> str:
+    """`start_digest` of `template` loaded with `weights` and pruned by `masks` (lockstep arms, CPU)."""
+    import copy
+
+    model = copy.deepcopy(template).cpu()
+    model.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            if name in params:
+                params[name].masked_fill_(~mask.to(torch.bool).cpu(), 0.0)
+    return start_digest(model)
