@@ -274,13 +274,13 @@ def validate_nm(
         what = type(model).__name__
     else:
         folder = str(model_or_folder)
-        weights = _load_folder_weights(folder)
+        weights, model_dims = _load_folder_weights(folder)
         folder_masks, dims_meta = _load_folder_masks(folder)
         if masks is None and not from_zeros:
             masks = folder_masks
         if from_zeros:
             masks = None
-        dims = _folder_dims(folder, weights, dims_meta)
+        dims = _folder_dims(weights, dims_meta, model_dims)
         what = folder
     report = check_tensors(weights, dims, pattern, masks)
     if strict:
@@ -288,24 +288,37 @@ def validate_nm(
     return report
 
 
-def _load_folder_weights(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_folder_weights(folder: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Optional[int]]]]:
+    """The folder's weights under the model's parameter names (masks are keyed by `named_parameters()` names, which
+    transformers may store under other keys), and each weight's reduction dim.
 
+    With a config.json, the model class it names is loaded with `from_pretrained` (so GPT-2's Conv1D is told apart
+    from Linear, and renamed keys are mapped back); otherwise the raw safetensors keys are used, dims unknown."""
     from .masks import MASKS_NAME
 
     if not os.path.isdir(folder):
         raise ValueError(f"{folder!r} is not a folder: pass a model or a folder written by save_pretrained.")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        try:
+            model = _model_from_folder(folder)
+        except Exception as err:  # an architecture transformers cannot build here: read the files as they are
+            logger.info("could not load %s with from_pretrained (%s): reading its safetensors keys", folder, err)
+        else:
+            params = {n: p.detach() for n, p in model.named_parameters()}
+            return params, nm_dims(model, list(params))
+    from safetensors.torch import load_file
+
     files = [
         f for f in sorted(os.listdir(folder))
         if f.endswith(".safetensors") and f not in (MASKS_NAME, "sparsity_state.safetensors")
-        and not f.startswith(("optimizer", "scheduler"))
+        and not f.startswith(("optimizer", "scheduler", "adapter"))
     ]
     if not files:
         raise ValueError(f"{folder!r} has no model *.safetensors file to check.")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         weights.update(load_file(os.path.join(folder, f)))
-    return weights
+    return weights, None
 
 
 def _load_folder_masks(folder: str) -> tuple[Optional[dict[str, torch.Tensor]], dict[str, int]]:
@@ -320,46 +333,35 @@ def _load_folder_masks(folder: str) -> tuple[Optional[dict[str, torch.Tensor]], 
     return dict(masks), {k: int(v) for k, v in dims.items()}
 
 
-def _folder_dims(folder: str, weights: Mapping[str, torch.Tensor], known: Mapping[str, int]) -> dict[str, int]:
-    """Reduction dims for a saved folder: from the masks' metadata, else from the model class built on the meta
-    device from config.json (so GPT-2's Conv1D is told apart from Linear), else dim 1 of every >= 2-D weight."""
-    dims: dict[str, Optional[int]] = {}
-    config_path = os.path.join(folder, "config.json")
-    if os.path.isfile(config_path):
-        try:
-            dims = _dims_from_config(folder, list(weights))
-        except Exception as err:  # an unknown architecture: fall back to the [out, in, ...] layout
-            logger.info("could not build %s on the meta device (%s): assuming [out, in, ...] weights", folder, err)
+def _folder_dims(
+    weights: Mapping[str, torch.Tensor], known: Mapping[str, int], model_dims: Optional[Mapping[str, Optional[int]]]
+) -> dict[str, int]:
+    """Reduction dims for a saved folder: from the masks' metadata, else from the loaded model's layer types, else
+    dim 1 of every >= 2-D weight (the [out, in, ...] layout)."""
     out = {}
     for name, w in weights.items():
         if name in known:
             out[name] = known[name]
-        elif name in dims:
-            if dims[name] is not None:
-                out[name] = dims[name]
-        elif name.endswith("weight") and w.dim() >= 2 and not dims:
+        elif model_dims is not None:
+            if model_dims.get(name) is not None:
+                out[name] = model_dims[name]
+        elif name.endswith("weight") and w.dim() >= 2:
             out[name] = 1
     return out
 
 
-def _dims_from_config(folder: str, names: list[str]) -> dict[str, Optional[int]]:
+def _model_from_folder(folder: str) -> nn.Module:
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
     from . import models  # noqa: F401  (registers the reference CNNs with the Auto classes)
 
     config = AutoConfig.from_pretrained(folder)
     arch = (getattr(config, "architectures", None) or [None])[0]
-    import transformers
-
-    with torch.device("meta"):
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is not None:
-            model = cls(config)
-        else:
-            try:
-                model = AutoModelForImageClassification.from_config(config)
-            except ValueError:
-                model = AutoModel.from_config(config)
-    params = dict(model.named_parameters())
-    present = [n for n in names if n in params]
-    return nm_dims(model, present)
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is not None:
+        return cls.from_pretrained(folder)
+    try:
+        return AutoModelForImageClassification.from_pretrained(folder)
+    except ValueError:
+        return AutoModel.from_pretrained(folder)
