@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_tickets import SparsityConfig, load_masks
+from hf_tickets import SparsityConfig, load_masks, validate_nm
 from hf_tickets.data import TensorImageDataset
 from hf_tickets.recipes import (
     OFFLINE_MODELS,
@@ -98,7 +98,8 @@ def test_recipe_parses(name):
     if config.method == "imp":
         assert config.num_levels() >= 1
     else:  # one sparse training run at a fixed sparsity: RigL, SET, static random, pruning at init
-        assert config.method in ("rigl", "set", "static", "snip", "grasp", "synflow", "magnitude", "random")
+        assert config.method in ("rigl", "set", "static", "snip", "grasp", "synflow", "magnitude", "random",
+                                 "nm", "sr_ste")
         assert 0 < target_sparsity(config) < 1
         assert not recipe.get("controls"), "LTH controls belong to IMP recipes"
     args = TrainingArguments(**{**recipe["training"], "use_cpu": True})
@@ -162,6 +163,8 @@ def _check_sparse_run(name, out):
         assert (ticket / file).is_file(), file
     masks = load_masks(str(ticket))
     assert masks.sparsity() == pytest.approx(target_sparsity(SparsityConfig(**recipe["sparsity"])), abs=1e-3)
+    if SparsityConfig(**recipe["sparsity"]).nm is not None and not recipe.get("peft"):  # the saved weights hold N:M
+        assert validate_nm(str(ticket), recipe["sparsity"]["pattern"]).ok
     assert SparsityConfig.from_pretrained(str(ticket)).method == recipe["sparsity"]["method"]
     if recipe.get("peft"):
         _check_lora_folder(recipe, ticket, masks)
