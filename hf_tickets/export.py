@@ -96,6 +96,12 @@ class InferenceReport:
             )
         return "\n".join(lines) + "\n"
 
+    def write_to_card(self, folder: str) -> str:
+        """Put this report into the model card (README.md) of `folder`, in its own section, replaced on re-runs."""
+        from .cards import upsert_card_section
+
+        return upsert_card_section(folder, "sparse_inference", "## 2:4 inference, measured\n\n" + self.to_markdown())
+
 
 def cuda_event_timer(warmup: int = 3, reps: int = 10, inner: int = 5) -> Timer:
     """Time two callables with CUDA events, interleaved (dense, sparse, sparse, dense, ...), `reps` rounds of

@@ -365,6 +365,10 @@ def test_sparse_inference_without_a_gpu_is_a_no_op(caplog):
 
 
 def test_sparse_inference_keeps_dense_where_the_timer_says_sparse_is_slower():
+    _dispatch_with_a_fake_timer()
+
+
+def _dispatch_with_a_fake_timer():
     model = _mlp()
     timings = {"0": (1.0, 0.5), "2": (1.0, 1.5)}  # layer 0: sparse 2x faster; layer 2: sparse slower
     seen = []
@@ -392,6 +396,15 @@ def test_sparse_inference_keeps_dense_where_the_timer_says_sparse_is_slower():
     assert by_name["0"].input_shape == [8, 3, 64]
     assert isinstance(model[0].weight.data, Marked) and not isinstance(model[2].weight.data, Marked)
     assert "| 0 | 128x64 | 8x3x64 |" in report.to_markdown()
+    return report
+
+
+def test_sparse_inference_report_goes_into_the_model_card(tmp_path):
+    report = _dispatch_with_a_fake_timer()
+    report.write_to_card(str(tmp_path))
+    report.write_to_card(str(tmp_path))  # replaced, not appended
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert card.count("## 2:4 inference, measured") == 1 and "1 of 3 Linear layers run sparse" in card
 
 
 def test_sparse_inference_rejects_a_conversion_that_changes_the_output():
