@@ -131,14 +131,21 @@ def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None) 
 
 
 def _cmd_report(opts: argparse.Namespace) -> int:
-    from .lottery import write_report
+    import os
 
-    report = write_report(opts.path, tolerance=opts.tolerance)
-    print(
-        json.dumps(
-            {k: report[k] for k in ("dense_accuracy", "winning_ticket_levels", "rewind_vs_reinit_gap")}, indent=2
+    from .lottery import write_run_report
+    from .lottery.layout import finished_levels, replicate_roots
+
+    if not any(finished_levels(root) for root in replicate_roots(opts.path)):
+        print(
+            f"hf-tickets: error: {opts.path} is not a lottery run folder (no finished level_NN/ in it"
+            f"{'' if os.path.isdir(opts.path) else ': it does not exist'}); pass a run's output_dir.",
+            file=sys.stderr,
         )
-    )
+        return 2
+    report = write_run_report(opts.path, tolerance=opts.tolerance)
+    keys = ("dense_accuracy", "winning_ticket_levels", "rewind_vs_reinit_gap", "replicates", "levels")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
     return 0
 
 

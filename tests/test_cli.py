@@ -76,6 +76,26 @@ def test_report(cli_run, capsys):
     assert (cli_run / "imp_report.json").is_file()
 
 
+def test_report_refuses_folders_that_are_not_runs(cli_run, tmp_path, capsys):
+    for path in (cli_run / "ticket", tmp_path / "does_not_exist"):
+        assert main(["report", str(path)]) == 2
+        assert "not a lottery run folder" in capsys.readouterr().err
+    assert not (cli_run / "ticket" / "imp_report.json").exists(), "report wrote into a folder of the wrong kind"
+
+
+def test_rerun_says_what_it_reused_and_replicates_print_mean_and_spread(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", QUICKSTART, *shrink(out), "replicates=2", "controls=[reinit]"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "trained 6 arm-levels" in first and "reused 6" not in first
+    assert "ticket (mean ± std)" in first and "reinit (mean ± std)" in first and "(n=2)" in first
+    assert (out / "replicate_1" / "ticket" / "README.md").is_file()
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "trained 0 arm-levels" in again and "reused 6 finished arm-levels" in again
+
+
 def test_card(cli_run, capsys):
     level = cli_run / "level_01"
     (level / "README.md").unlink()

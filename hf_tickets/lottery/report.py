@@ -139,17 +139,17 @@ def aggregate_replicates(reports: list[dict], tolerance: float = 0.01) -> dict[s
     }
 
 
-def write_run_report(output_dir: str, last_run: Optional[dict] = None) -> dict[str, Any]:
+def write_run_report(output_dir: str, last_run: Optional[dict] = None, tolerance: float = 0.01) -> dict[str, Any]:
     """Reports of a whole run: each replicate's, and with several replicates their aggregate at `output_dir`.
 
     Returns the report at `output_dir` (the single trunk's, or the aggregate). `last_run` (which arms this call
     trained and reused) is recorded in it."""
     roots = replicate_roots(output_dir)
-    reports = [write_report(root) for root in roots]
+    reports = [write_report(root, tolerance) for root in roots]
     if roots == [output_dir]:
         report = reports[0]
     else:
-        report = aggregate_replicates(reports)
+        report = aggregate_replicates(reports, tolerance)
         report["replicate_dirs"] = roots
         plot_aggregate(report, output_dir)
     if last_run is not None:
