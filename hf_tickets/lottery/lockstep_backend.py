@@ -41,7 +41,7 @@ from .metrics import level_metrics
 from .rewind import load_rewind_point, save_rewind_point
 
 if TYPE_CHECKING:
-    from ..trainer import TicketTrainer
+    from .trainer_protocol import LotteryTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LockstepBackend:
 
     name = "lockstep"
 
-    def __init__(self, trainer: "TicketTrainer", replicates: int = 1) -> None:
+    def __init__(self, trainer: "LotteryTrainer", replicates: int = 1) -> None:
         check_trainer(trainer)
         self.trainer = trainer
         self.args = trainer.args

@@ -43,7 +43,7 @@ from .layout import (
 from .lockstep import load_weights_
 
 if TYPE_CHECKING:
-    from ..trainer import TicketTrainer
+    from .trainer_protocol import LotteryTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class LotteryRunner:
     """
 
     def __init__(
-        self, trainer: "TicketTrainer", backend: str = "trainer", replicates: int = 1, command: Optional[str] = None
+        self, trainer: "LotteryTrainer", backend: str = "trainer", replicates: int = 1, command: Optional[str] = None
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}.")
@@ -389,7 +389,7 @@ def _json_digest(data: Any) -> str:
 
 
 def run_experiment(
-    trainer: "TicketTrainer",
+    trainer: "LotteryTrainer",
     controls=(),
     control_levels: Optional[list[int]] = None,
     replicates: int = 1,
@@ -401,7 +401,7 @@ def run_experiment(
 
 
 def run_controls(
-    trainer: "TicketTrainer",
+    trainer: "LotteryTrainer",
     controls,
     levels: Optional[list[int]] = None,
     replicates: int = 1,

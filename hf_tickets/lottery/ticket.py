@@ -11,7 +11,7 @@ from .layout import ACCURACY_PLOT, EARLY_STOP_PLOT, level_dir, read_metrics
 from .report import score, write_report
 
 if TYPE_CHECKING:
-    from ..trainer import TicketTrainer
+    from .trainer_protocol import LotteryTrainer
 
 TICKET_DIR = "ticket"
 
@@ -52,7 +52,7 @@ def lottery_section(report: dict, chosen: int, command: Optional[str]) -> str:
 
 
 def export_ticket(
-    root: str, trainer: Optional["TicketTrainer"] = None, level: Optional[int] = None, command: Optional[str] = None
+    root: str, trainer: Optional["LotteryTrainer"] = None, level: Optional[int] = None, command: Optional[str] = None
 ) -> str:
     """Copy the chosen level to `<root>/ticket/` with the run's plots and a card section; return that folder."""
     report = write_report(root)

@@ -21,7 +21,7 @@ from .metrics import level_metrics, rows_from_log_history
 from .rewind import RewindCapture
 
 if TYPE_CHECKING:
-    from ..trainer import TicketTrainer
+    from .trainer_protocol import LotteryTrainer
 
 
 class LevelStartCallback(TrainerCallback):
@@ -33,7 +33,7 @@ class LevelStartCallback(TrainerCallback):
     transformers 5 model saves under another name (ViT), and would leave the level's previous weights in place.
     """
 
-    def __init__(self, trainer: "TicketTrainer", sources: list[str]) -> None:
+    def __init__(self, trainer: "LotteryTrainer", sources: list[str]) -> None:
         self.trainer = trainer
         self.sources = sources  # folders / files, loaded in order
         self.loaded_log_entries = 0
@@ -63,7 +63,7 @@ class TrainerBackend:
 
     name = "trainer"
 
-    def __init__(self, trainer: "TicketTrainer") -> None:
+    def __init__(self, trainer: "LotteryTrainer") -> None:
         self.trainer = trainer
 
     def total_steps(self) -> int:
