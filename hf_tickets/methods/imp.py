@@ -53,7 +53,8 @@ class IMPConfig(SparsityConfig):
     def validate_method(self) -> None:
         if self.pattern != "unstructured":
             raise ValueError(
-                f"SparsityConfig.pattern={self.pattern!r} is not supported with method='imp': use unstructured."
+                f"SparsityConfig.pattern={self.pattern!r} is not supported with method='imp': use unstructured, then "
+                "make the ticket N:M with SparsityConfig(method='nm', pattern=..., base_masks=<ticket folder>)."
             )
         if (
             isinstance(self.prune_fraction, bool)
