@@ -417,3 +417,24 @@ def test_sparse_inference_rejects_a_conversion_that_changes_the_output():
     )
     assert report.converted == []
     assert all("differs from dense" in layer.reason for layer in report.layers[:2])
+
+
+def test_sr_ste_on_conv2d_keeps_the_channels_last_groups(tmp_path):
+    from conftest import DictDataset
+
+    data = DictDataset([dict(r, pixel_values=torch.cat([r["pixel_values"], r["pixel_values"][:1]])) for r in
+                        make_dataset("cnn").rows])  # 4 input channels, so conv1 holds 2:4 too
+    trainer = TicketTrainer(
+        model=make_cnn(num_channels=4),
+        args=training_args(tmp_path, max_steps=4, learning_rate=0.5, optim="sgd"),
+        train_dataset=data,
+        sparsity_config=SparsityConfig(method="sr_ste"),
+    )
+    checker = NMChecker(list(trainer.masks))
+    trainer.add_callback(checker)
+    trainer.train()
+    assert checker.per_step == [True] * 4 and "conv1.weight" in trainer.masks
+    method = trainer.sparsity_method
+    for name, dense in method._dense.items():  # the mask is the top-2 |dense| of every channel group
+        assert torch.equal(trainer.masks[name], nm_mask(dense.abs(), 2, 4, 1)), name
+        assert torch.equal(dict(trainer.model.named_parameters())[name], dense.masked_fill(~trainer.masks[name], 0))

@@ -142,6 +142,7 @@ class NMSparsity(SparsityMethod):
         self._flips: Optional[torch.Tensor] = None  # mask entries changed since the last log (device scalar)
         self._flip_updates = 0
         self._swapped = False  # dense weights are in the model (between on_dense_grads and the projection)
+        self._flats: list[_Flat] = []
         self._max_steps = 0
 
     # ---- masks ---------------------------------------------------------------------------------------------
@@ -198,18 +199,35 @@ class NMSparsity(SparsityMethod):
                 self.config.method,
             )
             self._dense = {n: params[n].detach().clone() for n in masks}
-        self._dense = {n: t.to(params[n].device, params[n].dtype) for n, t in self._dense.items()}
-        if self._base is not None:
-            self._base = {n: t.to(params[n].device) for n, t in self._base.items()}
-        # the callback's masks (restored from a checkpoint on resume) are the current ones
-        self._masks = {n: masks[n].to(params[n].device, torch.bool).clone() for n in masks}
+        if not self._dims or set(self._dims) != set(masks):
+            self._dims = input_dims(model, {n: params[n] for n in masks})
+        # one flat buffer per (device, dtype): dense weights, masks and allowed entries, each tensor laid out with
+        # its reduction dim last, so that every M consecutive entries of a buffer are one group of one tensor and
+        # a whole step is a handful of kernels, not a handful per tensor
+        self._flats = []
+        keys: dict[tuple, list[str]] = {}
+        for name in masks:
+            keys.setdefault((params[name].device, params[name].dtype), []).append(name)
+        dense_views, mask_views = {}, {}
+        for names in keys.values():
+            flat = _Flat(names, [params[n] for n in names], [self._dims[n] for n in names], self.config.nm[1])
+            for name, view in zip(names, flat.dense_views):
+                view.copy_(self._dense[name].to(view.device, view.dtype))
+                dense_views[name] = view
+            for name, view in zip(names, flat.mask_views):  # the callback's masks (restored on resume) are current
+                view.copy_(masks[name].to(view.device, torch.bool))
+                mask_views[name] = view
+            if self._base is not None:
+                flat.set_allowed([self._base[n] for n in names])
+            self._flats.append(flat)
+        self._dense, self._masks = dense_views, mask_views
         self._project(params)
 
     @torch.no_grad()
     def _project(self, params: dict[str, nn.Parameter]) -> None:
         """The model's weights := the N:M projection of the dense weights under the current masks."""
-        for name, dense in self._dense.items():
-            params[name].copy_(dense).masked_fill_(~self._masks[name], 0)
+        for flat in self._flats:
+            torch._foreach_copy_([params[n] for n in flat.names], flat.projection_views())
         self._swapped = False
 
     @torch.no_grad()
@@ -218,12 +236,14 @@ class NMSparsity(SparsityMethod):
             return
         params = dict(model.named_parameters())
         decay = self.config.sr_decay
-        for name, dense in self._dense.items():
-            p = params[name]
-            if decay and p.grad is not None:
-                # SR-STE: g + lambda_W * (not mask) * w, on the dense weights
-                p.grad.add_(dense.masked_fill(self._masks[name], 0), alpha=decay)
-            p.copy_(dense)  # the optimizer steps the dense weights
+        for flat in self._flats:
+            targets = [params[n] for n in flat.names]
+            if decay:  # SR-STE: g + lambda_W * (not mask) * w, on the dense weights
+                pruned = flat.pruned_views()
+                have = [i for i, p in enumerate(targets) if p.grad is not None]
+                if have:
+                    torch._foreach_add_([targets[i].grad for i in have], [pruned[i] for i in have], alpha=decay)
+            torch._foreach_copy_(targets, flat.dense_views)  # the optimizer steps the dense weights
         self._swapped = True
 
     @torch.no_grad()
@@ -232,18 +252,14 @@ class NMSparsity(SparsityMethod):
             return None
         params = dict(model.named_parameters())
         if self._swapped:
-            for name, dense in self._dense.items():
-                dense.copy_(params[name])
+            for flat in self._flats:
+                torch._foreach_copy_(flat.dense_views, [params[n] for n in flat.names])
         if step % self.config.update_interval == 0:
-            flips = None
-            for name, dense in self._dense.items():
-                new = self._select(dense, name)
-                changed = (new != self._masks[name]).sum()
-                flips = changed if flips is None else flips + changed
-                self._masks[name] = new
-            if flips is not None:
+            n = self.config.nm[0]
+            for flat in self._flats:
+                flips = flat.recompute(n)
                 self._flips = flips if self._flips is None else self._flips + flips
-                self._flip_updates += 1
+            self._flip_updates += 1
         self._project(params)
         if step >= self._max_steps > 0:
             self._sync(masks)
@@ -284,6 +300,60 @@ class NMSparsity(SparsityMethod):
         dense = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("dense::")}
         if dense:
             self._dense = {k: v.clone() for k, v in dense.items()}
+
+
+class _Flat:
+    """Targets of one device and dtype in one buffer, each laid out with its reduction dim last (a Conv2d weight as
+    [out, kh, kw, in]), so that the buffer viewed as [-1, M] is every group of every tensor. `dense_views` and
+    `mask_views` are parameter-shaped views into the buffers."""
+
+    def __init__(self, names: list[str], params: list[torch.Tensor], dims: list[int], m: int) -> None:
+        self.names, self.m = names, m
+        ref = params[0]
+        total = sum(p.numel() for p in params)
+        self.dense = torch.empty(total, dtype=ref.dtype, device=ref.device)
+        self.mask = torch.zeros(total, dtype=torch.bool, device=ref.device)
+        self.allowed: Optional[torch.Tensor] = None
+        self._layout = []  # (offset, moved shape, dim) per tensor
+        offset = 0
+        for p, dim in zip(params, dims):
+            self._layout.append((offset, p.movedim(dim, -1).shape, dim))
+            offset += p.numel()
+        self.dense_views = self.views(self.dense)
+        self.mask_views = self.views(self.mask)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Parameter-shaped views of a buffer laid out like `dense`."""
+        out = []
+        for offset, moved, dim in self._layout:
+            numel = moved.numel()
+            out.append(flat[offset : offset + numel].view(moved).movedim(-1, dim))
+        return out
+
+    def set_allowed(self, allowed: list[torch.Tensor]) -> None:
+        self.allowed = torch.zeros_like(self.mask)
+        for view, keep in zip(self.views(self.allowed), allowed):
+            view.copy_(keep.to(view.device, torch.bool))
+
+    def projection_views(self) -> list[torch.Tensor]:
+        return self.views(self.dense.masked_fill(~self.mask, 0))
+
+    def pruned_views(self) -> list[torch.Tensor]:
+        return self.views(self.dense.masked_fill(self.mask, 0))
+
+    def recompute(self, n: int) -> torch.Tensor:
+        """Keep the n largest |w| of every group (among allowed entries); returns how many mask entries changed."""
+        groups = self.dense.view(-1, self.m).abs().float()
+        if self.allowed is not None:
+            groups.masked_fill_(~self.allowed.view(-1, self.m), float("-inf"))
+        new = torch.zeros_like(groups, dtype=torch.bool)
+        new.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
+        if self.allowed is not None:
+            new &= self.allowed.view(-1, self.m)
+        old = self.mask.view(-1, self.m)
+        flips = (new != old).sum()
+        old.copy_(new)
+        return flips
 
 
 class SRSTE(NMSparsity):
