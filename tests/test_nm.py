@@ -179,9 +179,9 @@ def test_sr_ste_decay_is_added_to_the_gradient_of_pruned_weights_only():
     from hf_tickets.targets import resolve_targets
 
     model = make_bert()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     method = build_method(cfg)
     masks = method.initial_masks(model, resolve_targets(model, cfg), None)
-    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     method.on_train_begin(model, masks, 10)
     params = dict(model.named_parameters())
     for n in masks:  # the model holds the projection
@@ -438,3 +438,16 @@ def test_sr_ste_on_conv2d_keeps_the_channels_last_groups(tmp_path):
     for name, dense in method._dense.items():  # the mask is the top-2 |dense| of every channel group
         assert torch.equal(trainer.masks[name], nm_mask(dense.abs(), 2, 4, 1)), name
         assert torch.equal(dict(trainer.model.named_parameters())[name], dense.masked_fill(~trainer.masks[name], 0))
+
+
+@pytest.mark.parametrize("kwargs", NM_METHODS[1:], ids=IDS[1:])
+def test_dense_mode_model_holds_the_projection_before_training(kwargs, tmp_path):
+    model = make_bert()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = TicketTrainer(model=model, args=training_args(tmp_path), train_dataset=make_dataset("bert"),
+                            sparsity_config=SparsityConfig(**kwargs))
+    assert holds(model, list(trainer.masks))
+    trainer.save_model(str(tmp_path / "untrained"))  # passes the check before saving
+    assert validate_nm(str(tmp_path / "untrained"), "2:4").ok
+    for n, d in trainer.sparsity_method._dense.items():  # training starts from the dense weights, not the zeros
+        assert torch.equal(d, dense[n]), n

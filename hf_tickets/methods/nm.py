@@ -156,6 +156,9 @@ class NMSparsity(SparsityMethod):
         if self.keeps_dense_weights:
             self._dense = {name: p.detach().clone() for name, p in targets.items()}
             self._masks = {name: m.clone() for name, m in masks.items()}
+            with torch.no_grad():  # from now on the model holds the projection (evaluate / save before train too)
+                for name, p in targets.items():
+                    p.masked_fill_(~masks[name], 0)
         return MaskSet(masks, self.mask_metadata(nm_dims=self._dims, update_interval=cfg.update_interval,
                                                  sr_decay=cfg.sr_decay, base_masks=cfg.base_masks))
 
