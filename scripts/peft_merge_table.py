@@ -13,8 +13,9 @@ and reports test accuracy, the merged weights' sparsity and the removed fraction
 mean ± std. Full runs take a GPU; `--max-train-samples`, `--epochs` and `--max-length` cut it for a CPU check.
 
     python scripts/peft_merge_table.py --seeds 0 1 2 --json docs/results/peft_lora_minilm/table.json
-    OMP_NUM_THREADS=2 python scripts/peft_merge_table.py --seeds 0 1 2 --max-train-samples 2000 --epochs 1 \\
-        --max-length 64 --max-eval-samples 1000 --json docs/results/peft_lora_minilm/cpu_check.json
+    OMP_NUM_THREADS=1 python scripts/peft_merge_table.py --seeds 0 --max-train-samples 2000 --epochs 1 \\
+        --max-length 32 --max-eval-samples 1000 --learning-rate 0.002 \\
+        --json docs/results/peft_lora_minilm/cpu_check.json
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ RECIPES = {
 
 
 def overrides(args, seed: int, out: str) -> list[str]:
-    items = [f"training.output_dir={out}", f"training.seed={seed}", f"model.seed={seed}", "training.eval_strategy='no'"]
+    items = [f"training.output_dir={out}", f"training.seed={seed}", f"model.seed={seed}"]
+    items.append("training.eval_strategy='no'")  # quoted: YAML reads a bare no as false
     if args.max_train_samples:
         items.append(f"data.max_train_samples={args.max_train_samples}")
     if args.max_eval_samples:
@@ -52,6 +54,8 @@ def overrides(args, seed: int, out: str) -> list[str]:
         items.append(f"training.num_train_epochs={args.epochs}")
     if args.max_length:
         items.append(f"data.max_length={args.max_length}")
+    if args.learning_rate:
+        items.append(f"training.learning_rate={args.learning_rate}")
     if not torch.cuda.is_available():
         items.append("training.use_cpu=true")
     return items
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the recipes' 5e-4")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = []
