@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..masks import MaskSet
-from .identity import weights_digest
+from .identity import tensors_digest, weights_digest
 
 
 @dataclass
@@ -54,14 +54,20 @@ def start_digest(model: nn.Module) -> str:
 
 
 def masked_copy_digest(template: nn.Module, weights: dict, masks: dict) -> str:
-    """`start_digest` of `template` loaded with `weights` and pruned by `masks` (lockstep arms, CPU)."""
-    import copy
+    """`start_digest` of `template` loaded with `weights` and pruned by `masks`, computed without building it.
 
-    model = copy.deepcopy(template).cpu()
-    model.load_state_dict(weights, strict=False)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, mask in masks.items():
-            if name in params:
-                params[name].masked_fill_(~mask.to(torch.bool).cpu(), 0.0)
-    return start_digest(model)
+    Names missing from `weights` (the second name of a tied tensor, which safetensors drops) take the value of the
+    name they share storage with; names no weight covers keep the template's value (non-saved buffers)."""
+    state = template.state_dict(keep_vars=True)
+    loaded_ids = {id(tensor): name for name, tensor in state.items() if name in weights}
+    items = []
+    for name, tensor in state.items():
+        value = weights.get(name)
+        if value is None:
+            alias = loaded_ids.get(id(tensor))
+            value = weights[alias] if alias is not None else tensor.detach()
+        mask = masks.get(name)
+        if mask is not None:
+            value = value.masked_fill(~mask.to(device=value.device, dtype=torch.bool), 0)
+        items.append((name, value.to(tensor.dtype)))
+    return tensors_digest(items)

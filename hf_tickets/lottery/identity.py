@@ -111,7 +111,7 @@ def initial_weights_digest(model: nn.Module) -> str:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (names, shapes, dtypes and bytes), in state_dict order."""
-    return _tensors_digest(model.state_dict().items())
+    return tensors_digest(model.state_dict().items())
 
 
 def data_digest(dataset: Any) -> dict[str, Any]:
@@ -129,11 +129,11 @@ def data_digest(dataset: Any) -> dict[str, Any]:
         return out
     tensors = {k: v for k, v in vars(dataset).items() if isinstance(v, torch.Tensor)}
     if tensors:
-        out["sha256"] = _tensors_digest(sorted(tensors.items()))
+        out["sha256"] = tensors_digest(sorted(tensors.items()))
     return out
 
 
-def _tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """sha256 over names, shapes, dtypes and bytes of the tensors, in the order given."""
     h = hashlib.sha256()
     for name, tensor in named:

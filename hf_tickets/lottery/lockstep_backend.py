@@ -66,6 +66,8 @@ class LockstepBackend:
         )
         self.replicates = replicates
         self._tables: Optional[torch.Tensor] = None
+        self._points: dict = {}  # rewind points and start files read so far (immutable once written)
+        self._files: dict = {}
         self.last_pass: dict = {}
 
     def total_steps(self) -> int:
@@ -122,10 +124,14 @@ class LockstepBackend:
             )
         weights, state, step = {}, None, 0
         if arm.rewind_point is not None:
-            point = load_rewind_point(arm.rewind_point, self.template, self.decay_names)
+            if arm.rewind_point not in self._points:  # written once at level 0, read by every later arm
+                self._points[arm.rewind_point] = load_rewind_point(arm.rewind_point, self.template, self.decay_names)
+            point = self._points[arm.rewind_point]
             weights, state, step = dict(point.weights), dict(point.optimizer_state), point.step
         if arm.weights_file is not None:
-            weights.update(load_saved_weights(arm.weights_file, self.template))
+            if arm.weights_file not in self._files:
+                self._files[arm.weights_file] = load_saved_weights(arm.weights_file, self.template)
+            weights.update(self._files[arm.weights_file])
         masks = dict(arm.masks)
         expected = arm.extra_metrics.get("identity", {}).get("start_weights_sha256")
         if expected is not None and masked_copy_digest(self.template, weights, masks) != expected:

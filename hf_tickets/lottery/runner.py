@@ -28,7 +28,7 @@ from ..allocation import random_masks_like
 from ..checkpoints import load_saved_weights
 from ..masks import MaskSet
 from .arms import Arm, masked_copy_digest
-from .identity import _tensors_digest, check_identity, run_identity
+from .identity import check_identity, run_identity, tensors_digest
 from .layout import (
     CONTROL_KINDS,
     arm_root,
@@ -126,6 +126,7 @@ class LotteryRunner:
         self.identity_sha256 = _json_digest(self.identity)
         self.template = _cpu_copy(trainer.model)
         self.level0_masks = trainer.masks
+        self._weights_cache: dict[str, dict] = {}
 
     # ---- checks before anything runs --------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ class LotteryRunner:
             "rewind_step_k": self.k,
             "config_hash": self.config.hashname(),
             "produced_by": self.command,
-            "identity": {"run_sha256": self.identity_sha256, "masks_sha256": _tensors_digest(sorted(masks.items()))},
+            "identity": {"run_sha256": self.identity_sha256, "masks_sha256": tensors_digest(sorted(masks.items()))},
         }
 
     def _trunk_arm(self, r: int, level: int, masks: MaskSet) -> Arm:
@@ -350,13 +351,19 @@ class LotteryRunner:
         if arm.rewind_point is not None:
             from .rewind import rewind_point_step
 
-            weights.update(load_saved_weights(arm.rewind_point, self.template))
+            weights.update(self._saved_weights(arm.rewind_point))
             step = rewind_point_step(arm.rewind_point) or 0
         if arm.weights_file is not None:
-            weights.update(load_saved_weights(arm.weights_file, self.template))
+            weights.update(self._saved_weights(arm.weights_file))
         identity = arm.extra_metrics["identity"]
         identity["start_step"] = step
         identity["start_weights_sha256"] = masked_copy_digest(self.template, weights, dict(arm.masks))
+
+    def _saved_weights(self, path: str) -> dict:
+        """Start weights read once per run: theta_0, reinit weights and rewind points do not change once written."""
+        if path not in self._weights_cache:
+            self._weights_cache[path] = load_saved_weights(path, self.template)
+        return self._weights_cache[path]
 
     # ---- after the run ------------------------------------------------------------------------------------------
 
