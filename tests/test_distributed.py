@@ -46,6 +46,19 @@ def test_imp_with_controls_under_torchrun_two_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_sr_ste_is_identical_on_two_gloo_ranks(tmp_path):
+    """SR-STE recomputes masks from DDP-averaged dense weights: every rank must hold the same dense weights, masks
+    and N:M projection after every step (issue 12)."""
+    out = tmp_path / "ddp_sr_ste"
+    _torchrun(os.path.join(REPO, "tests", "ddp_sr_ste_worker.py"), str(out), "6")
+    ranks = [json.load(open(out / f"rank_{r}.json")) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert len(ranks[0]["steps"]) == 6 and ranks[0]["steps"] == ranks[1]["steps"]
+    assert all(s["holds"] for s in ranks[0]["steps"])
+    assert len({s["masks"] for s in ranks[0]["steps"]}) > 1  # the masks moved during training
+
+
+@pytest.mark.slow
 def test_rigl_masks_are_bitwise_equal_on_two_gloo_ranks(tmp_path):
     """RigL grows from the DDP-averaged dense gradient with a generator seeded alike on every rank: each rank,
     reading different samples, must hold the same masks after every update and at the end (issue 11)."""
