@@ -11,9 +11,11 @@ from typing import ClassVar, Literal, Optional, Union
 
 from transformers.utils import PushToHubMixin
 
+from .files import SPARSITY_CONFIG_NAME, read_json, resolve_file, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "sparsity_config.json"
+CONFIG_NAME = SPARSITY_CONFIG_NAME  # the table of file names is files.py
 
 PATTERNS_HELP = '"unstructured", or "N:M" such as "2:4" (N kept weights in every group of M)'
 SCOPES = ("global", "layerwise")
@@ -344,19 +346,19 @@ class SparsityConfig(PushToHubMixin):
         os.makedirs(save_directory, exist_ok=True)
         payload = dict(self.to_dict(), hf_tickets_version=__version__)
         path = os.path.join(save_directory, CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-        if push_to_hub:
+        write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:  # this one file; a whole sparse checkpoint goes up with hf_tickets.hub.push_checkpoint
+            from huggingface_hub import HfApi
+
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
-            self._upload_modified_files(
-                save_directory,
-                repo_id,
-                [path],
-                commit_message=kwargs.pop("commit_message", None),
-                token=kwargs.get("token"),
+            api = HfApi(token=kwargs.get("token"))
+            repo_id = api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
+            api.upload_file(
+                path_or_fileobj=path,
+                path_in_repo=CONFIG_NAME,
+                repo_id=repo_id,
+                revision=kwargs.get("revision"),
+                commit_message=kwargs.pop("commit_message", None) or f"Upload {CONFIG_NAME}",
             )
 
     @classmethod
@@ -384,13 +386,12 @@ class SparsityConfig(PushToHubMixin):
     def from_pretrained(
         cls, pretrained_model_name_or_path: Union[str, os.PathLike], revision: Optional[str] = None, **hub_kwargs
     ) -> "SparsityConfig":
-        """Load from a local folder or a Hub repo id holding `sparsity_config.json`."""
-        path = _resolve_file(pretrained_model_name_or_path, CONFIG_NAME, revision=revision, **hub_kwargs)
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON: re-save it with SparsityConfig.save_pretrained.") from err
+        """Load from a local folder or a Hub repo id holding `sparsity_config.json` (read as JSON, through the Hub
+        cache at `revision`; `hub_kwargs`: cache_dir, token, local_files_only, force_download, subfolder)."""
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, revision=revision, **hub_kwargs)
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object: it is not a SparsityConfig.")
         return cls.from_dict(data)
 
 
@@ -401,17 +402,3 @@ def _field_names(cls: type) -> set[str]:
 def _field_default(cls: type, name: str) -> object:
     f = next(f for f in fields(cls) if f.name == name)
     return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-
-
-def _resolve_file(
-    name_or_path: Union[str, os.PathLike], filename: str, revision: Optional[str] = None, **hub_kwargs
-) -> str:
-    """A file from a local folder, else from the Hub (honours HF_ENDPOINT and the local cache)."""
-    local = os.path.join(str(name_or_path), filename)
-    if os.path.isdir(str(name_or_path)):
-        if not os.path.isfile(local):
-            raise ValueError(f"{name_or_path!r} has no {filename}: is it a folder written by hf_tickets?")
-        return local
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(str(name_or_path), filename, revision=revision, **hub_kwargs)

@@ -7,15 +7,24 @@ state_dict keys are exactly the dense model's. On disk, masks are bit-packed uin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-MASKS_NAME = "masks.safetensors"
-REPORT_NAME = "sparsity_report.json"
+from .files import MASKS_NAME, SPARSITY_REPORT_NAME, atomic_write, resolve_file, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = SPARSITY_REPORT_NAME  # kept for callers of earlier versions; the table of names is files.py
+HEADER_KEY = "hf_tickets_masks"
+# Module types whose weights are masked when masks are derived from zeros: targets.DEFAULT_TARGET_TYPES (not importable
+# here, targets -> peft_interop -> masks; tests/test_hub.py checks they agree).
+_ZERO_MASK_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -176,29 +185,33 @@ class MaskSet(Mapping[str, torch.Tensor]):
         meta = dict(self.metadata)
         meta.update(extra_metadata or {})
         tensors = {
-            n: {"shape": list(m.shape), "sparsity": round(1.0 - float(m.sum()) / max(m.numel(), 1), 8)}
+            n: {
+                "shape": list(m.shape),
+                "sparsity": round(1.0 - float(m.sum()) / max(m.numel(), 1), 8),
+                "sha256": _digest(packed[n]),  # verified on load: a damaged file is refused, never applied
+            }
             for n, m in self._masks.items()
         }
         header = {
             "format": "pt",
             "hf_tickets_version": __version__,
             # sort_keys reorders "tensors"; "order" keeps named_parameters() order for the round trip.
-            "hf_tickets_masks": json.dumps(
+            HEADER_KEY: json.dumps(
                 {"tensors": tensors, "order": list(self._masks), "metadata": meta}, sort_keys=True, default=str
             ),
         }
         path = os.path.join(save_directory, MASKS_NAME)
-        _atomic_write(path, lambda tmp: save_file(packed, tmp, metadata=header))
-        report = dict(self.report(), metadata=meta)
-        _atomic_write(
-            os.path.join(save_directory, REPORT_NAME),
-            lambda tmp: _write_text(tmp, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"),
-        )
+        atomic_write(path, lambda tmp: save_file(packed, tmp, metadata=header))
+        write_json_atomic(os.path.join(save_directory, SPARSITY_REPORT_NAME), dict(self.report(), metadata=meta))
         return path
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "MaskSet":
-        """Read a `masks.safetensors` file (or a folder holding one)."""
+        """Read a `masks.safetensors` file (or a folder holding one).
+
+        The file is read as safetensors only (no pickle). Its header must list exactly the tensors the file holds,
+        each a 1-D uint8 tensor of ceil(numel / 8) bytes for its shape, with the checksum written at save time;
+        anything else is a ValueError, raised before a single mask is returned (so nothing is ever applied)."""
         from safetensors import SafetensorError, safe_open
 
         path = str(path)
@@ -209,45 +222,141 @@ class MaskSet(Mapping[str, torch.Tensor]):
         try:
             with safe_open(path, framework="pt") as fh:
                 header = fh.metadata() or {}
-                if "hf_tickets_masks" not in header:
+                if HEADER_KEY not in header:
                     raise ValueError(
-                        f"{path} is a safetensors file but not an hf_tickets masks file (no 'hf_tickets_masks' "
-                        "header): pass the masks.safetensors written by hf_tickets, not model weights."
+                        f"{path} is a safetensors file but not an hf_tickets masks file (no {HEADER_KEY!r} header): "
+                        "pass the masks.safetensors written by hf_tickets, not model weights."
                     )
-                info = json.loads(header["hf_tickets_masks"])
-                masks = {}
-                for name in info.get("order", info["tensors"]):
-                    masks[name] = unpack_bits(fh.get_tensor(name), tuple(info["tensors"][name]["shape"]))
+                info = json.loads(header[HEADER_KEY])
+                masks = _read_checked(fh, info, path)
         except SafetensorError as err:
             raise ValueError(f"{path} is corrupted or not a safetensors file ({err}): re-save the masks.") from err
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{path} has a damaged hf_tickets header ({err}): re-save the masks.") from err
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path} has a damaged hf_tickets header ({err!r}): re-save the masks.") from err
         return cls(masks, info.get("metadata", {}))
 
+    @classmethod
+    def from_zeros(cls, model: nn.Module, metadata: Optional[Mapping[str, object]] = None) -> "MaskSet":
+        """Masks read off the exact zeros of every Linear / Conv / Conv1D weight of `model` (True = non-zero).
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary name, then rename: a crash never leaves a half-written file at `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        For checkpoints that came without `masks.safetensors`: a weight that is exactly 0 is taken as pruned."""
+        try:
+            from transformers.pytorch_utils import Conv1D
+
+            types = _ZERO_MASK_TYPES + (Conv1D,)
+        except ImportError:  # pragma: no cover
+            types = _ZERO_MASK_TYPES
+        masks = {}
+        for module_name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, types) and isinstance(weight, nn.Parameter):
+                masks[f"{module_name}.weight" if module_name else "weight"] = weight.detach().ne(0).cpu()
+        return cls(masks, dict(metadata or {}, derived_from="zeros"))
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+def _digest(packed: torch.Tensor) -> str:
+    return hashlib.sha256(packed.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_checked(fh, info: dict, path: str) -> dict[str, torch.Tensor]:
+    """The masks of an open safetensors file, after checking names, dtypes, sizes and checksums against its header."""
+    tensors = info["tensors"]
+    order = list(info.get("order", tensors))
+    in_file = set(fh.keys())
+    if set(order) != set(tensors) or set(order) != in_file or len(order) != len(set(order)):
+        missing, extra = sorted(set(order) - in_file), sorted(in_file - set(order))
+        raise ValueError(
+            f"{path}: the header's tensor names do not match the tensors in the file (listed but absent: "
+            f"{missing[:3]}, present but unlisted: {extra[:3]}): the file was altered; re-save the masks."
+        )
+    masks = {}
+    for name in order:
+        shape = tensors[name]["shape"]
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(f"{path}: mask {name!r} has an invalid shape {shape!r} in its header.")
+        packed = fh.get_tensor(name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        need = (numel + 7) // 8
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
+            size = "fewer" if packed.numel() < need else "more" if packed.numel() > need else "as many"
+            raise ValueError(
+                f"{path}: mask {name!r} holds {packed.numel()} {packed.dtype} values ({tuple(packed.shape)}), {size} "
+                f"than the {need} packed uint8 bytes its shape {tuple(shape)} needs: the file was altered; re-save "
+                "the masks."
+            )
+        expected = tensors[name].get("sha256")
+        if expected is not None and _digest(packed) != expected:
+            raise ValueError(f"{path}: mask {name!r} fails its checksum: the file is damaged; re-save the masks.")
+        masks[name] = unpack_bits(packed, tuple(shape))
+    return masks
 
 
 def load_masks(
-    pretrained_model_name_or_path: Union[str, os.PathLike], revision: Optional[str] = None, **hub_kwargs
+    pretrained_model_name_or_path: Union[str, os.PathLike],
+    revision: Optional[str] = None,
+    model: Optional[nn.Module] = None,
+    **hub_kwargs,
 ) -> MaskSet:
-    """Load the `MaskSet` saved in a local folder, a masks file, or a Hub repo id."""
+    """Load the `MaskSet` of a local folder, a masks file, or a Hub repo id (through the Hub cache, at `revision`).
+
+    Args:
+        revision: branch, tag or commit of a Hub repo (an IMP run pushed with `push_lottery_run` has one branch per
+            level, e.g. "level_03").
+        model: when given, the masks are checked against it (names and shapes), and a folder or repo without
+            `masks.safetensors` gets masks derived from `model`'s zeros.
+        **hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, `subfolder`.
+
+    A folder or repo without `masks.safetensors` still loads: masks are derived from the exact zeros of its Linear /
+    Conv weights (the model is loaded with `from_pretrained` when `model` is not given), with a warning.
+    """
     path = str(pretrained_model_name_or_path)
     if os.path.isfile(path):
-        return MaskSet.load(path)
-    from .config import _resolve_file
+        masks = MaskSet.load(path)
+    else:
+        resolved = resolve_file(path, MASKS_NAME, revision=revision, required=False, **hub_kwargs)
+        if resolved is not None:
+            masks = MaskSet.load(resolved)
+        else:
+            logger.warning(
+                "%s%s has no %s: masks are derived from the exact zeros of its Linear/Conv weights (a weight that is "
+                "exactly 0 counts as pruned). Save with TicketTrainer.save_model or MaskSet.save to keep the real "
+                "masks.",
+                path,
+                f" (revision {revision})" if revision else "",
+                MASKS_NAME,
+            )
+            if model is None:
+                try:
+                    model = model_from_checkpoint(path, revision, **hub_kwargs)
+                except (OSError, ValueError, KeyError) as err:
+                    raise ValueError(
+                        f"{path!r} has no {MASKS_NAME}, and its model could not be loaded to derive masks from its "
+                        f"zeros ({err}): pass model= (the loaded model) to load_masks."
+                    ) from err
+            return MaskSet.from_zeros(model, {"source": path})
+    if model is not None:
+        masks.validate_for(model)
+    return masks
 
-    return MaskSet.load(_resolve_file(path, MASKS_NAME, revision=revision, **hub_kwargs))
+
+def model_from_checkpoint(path: str, revision: Optional[str] = None, **hub_kwargs) -> nn.Module:
+    """The model a folder or repo holds, built from its config.json by the class it names (reference CNNs
+    included: importing `hf_tickets.models` registers them)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    from . import models  # noqa: F401  (registers the reference CNNs with the Auto classes)
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "token", "local_files_only", "subfolder")}
+    config = AutoConfig.from_pretrained(path, revision=revision, **kwargs)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None and arch:
+        cls = getattr(models, arch, None)
+    if cls is None:
+        cls = AutoModel
+    return cls.from_pretrained(path, revision=revision, **kwargs)
