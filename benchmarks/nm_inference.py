@@ -206,7 +206,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if CUDA else "CPU smoke run",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "cusparselt": torch.backends.cusparselt.version() if CUDA and torch.backends.cusparselt.is_available() else None,
+        "cusparselt": (
+            torch.backends.cusparselt.version() if CUDA and torch.backends.cusparselt.is_available() else None
+        ),
     }
     print(versions, flush=True)
     results = {"versions": versions, "options": vars(opts), "models": []}

@@ -81,8 +81,12 @@ def _cmd_inspect(opts: argparse.Namespace) -> int:
         return _inspect_nm(opts, None)  # a folder without masks: its zeros alone
     masks = load_masks(opts.path)
     report = masks.report()
+    pattern = opts.pattern or str(masks.metadata.get("pattern", "unstructured"))
     if opts.json:
-        print(json.dumps(dict(report, metadata=masks.metadata), indent=2, default=str))
+        summary = dict(report, metadata=masks.metadata)
+        if ":" in pattern:  # one JSON object: the masks' report with the N:M check under "nm"
+            return _inspect_nm(opts, masks, pattern, summary)
+        print(json.dumps(summary, indent=2, default=str))
         return 0
     print(
         f"{opts.path}: {len(masks)} masked tensors, sparsity {report['sparsity']:.4f} "
@@ -92,13 +96,12 @@ def _cmd_inspect(opts: argparse.Namespace) -> int:
     width = max(len(n) for n in report["layers"]) if report["layers"] else 10
     for name, row in report["layers"].items():
         print(f"  {name:<{width}}  {'x'.join(map(str, row['shape'])):>12}  {100 * row['sparsity']:6.2f}%")
-    pattern = opts.pattern or str(masks.metadata.get("pattern", "unstructured"))
     if ":" in pattern:
         return _inspect_nm(opts, masks, pattern)
     return 0
 
 
-def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None) -> int:
+def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None, summary: Optional[dict] = None) -> int:
     """The N:M validator's per-tensor report; exit code 1 when a tensor fails."""
     import os
 
@@ -111,7 +114,7 @@ def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None) 
         dims = masks.metadata.get("nm_dims") or {n: 1 for n in masks}
         report = check_tensors(dict(masks), dims, pattern)
     if opts.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(dict(summary or {}, nm=report.to_dict()), indent=2, default=str))
     else:
         print(f"N:M check: {report.summary()}")
         for name, row in report.tensors.items():

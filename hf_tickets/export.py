@@ -100,7 +100,8 @@ class InferenceReport:
         """Put this report into the model card (README.md) of `folder`, in its own section, replaced on re-runs."""
         from .cards import upsert_card_section
 
-        return upsert_card_section(folder, "sparse_inference", "## 2:4 inference, measured\n\n" + self.to_markdown())
+        section = "## 2:4 inference, measured\n\n" + self.to_markdown()
+        return upsert_card_section(folder, "sparse_inference", section)
 
 
 def cuda_event_timer(warmup: int = 3, reps: int = 10, inner: int = 5) -> Timer:
@@ -202,9 +203,9 @@ def sparse_inference(
             x2d = x.reshape(-1, x.shape[-1])
             try:
                 sw = convert(w, x2d)
-                dense_out = nn.functional.linear(x, w, b)
-                sparse_out = nn.functional.linear(x, sw, b)
-                err = float((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm().clamp_min(1e-12))
+                dense_out = nn.functional.linear(x, w, b).float()
+                sparse_out = nn.functional.linear(x, sw, b).float()
+                err = float((sparse_out - dense_out).norm() / dense_out.norm().clamp_min(1e-12))
                 if err > 2e-2:
                     choice.reason = f"sparse output differs from dense (relative error {err:.3g})"
                     return
