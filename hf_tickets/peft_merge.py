@@ -143,7 +143,8 @@ def save_sparse_adapter(
     masks = masks if masks is not None else current_masks(model)
     if masks is None:
         raise ValueError("save_sparse_adapter needs the base model's masks: pass masks= (e.g. trainer.masks).")
-    trained_base = [n for n in masks_for(model, masks) if dict(model.named_parameters())[n].requires_grad]
+    params = dict(model.named_parameters())
+    trained_base = [n for n in masks_for(model, masks) if params[n].requires_grad]
     if trained_base:
         logger.warning(
             "%d masked base weights are trainable (e.g. %s): the adapter folder does not hold them; save the merged "
