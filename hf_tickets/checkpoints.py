@@ -16,8 +16,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 logger = logging.getLogger(__name__)
 
 
-def last_complete_checkpoint(folder: str) -> Optional[str]:
-    """The newest `checkpoint-N` in `folder` that Trainer finished writing, or None.
+def last_complete_checkpoint(folder: str, at_most: Optional[int] = None) -> Optional[str]:
+    """The newest `checkpoint-N` in `folder` (with N <= `at_most`, if given) that Trainer finished writing, or None.
 
     Trainer writes `trainer_state.json` last and in place, so a process killed while saving leaves a newest folder
     without it (or with a torn one); `transformers.trainer_utils.get_last_checkpoint` would pick that folder and
@@ -27,7 +27,7 @@ def last_complete_checkpoint(folder: str) -> Optional[str]:
     steps = []
     for name in os.listdir(folder):
         match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-        if match and os.path.isdir(os.path.join(folder, name)):
+        if match and os.path.isdir(os.path.join(folder, name)) and (at_most is None or int(match.group(1)) <= at_most):
             steps.append(int(match.group(1)))
     for step in sorted(steps, reverse=True):
         path = os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-{step}")

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from .callbacks import SparsityCallback
-from .cards import write_mask_updates_section, write_model_card
+from .cards import card_tags, current_command, write_mask_updates_section, write_model_card
 from .checkpoints import last_complete_checkpoint
 from .config import SparsityConfig
+from .files import CARD_NAME, STATE_TENSORS_NAME, write_text_atomic
 from .masks import MASKS_NAME, MaskSet
 from .methods import SparsityMethod, build_method
 from .peft_methods import prepare_method
@@ -28,7 +29,6 @@ from .sparsify import MASKS_ATTR
 
 logger = logging.getLogger(__name__)
 
-STATE_TENSORS_NAME = "sparsity_state.safetensors"  # a method's tensor state, in every checkpoint
 ONE_SHOT_DESCRIPTIONS = ("magnitude", "random")  # methods that describe loaded masks without changing them
 
 
@@ -64,6 +64,8 @@ class TicketTrainer(Trainer):
         if masks is not None and not isinstance(masks, MaskSet):
             raise ValueError(f"masks must be a MaskSet (e.g. load_masks(path)), got {type(masks).__name__}.")
         super().__init__(*args, **kwargs)
+        # Sees every micro-step's loss (the lottery's Trainer backend keeps a level's exact mean across resumes).
+        self.loss_observer: Optional[Callable[[torch.Tensor], None]] = None
         if masks is None and sparsity_config is None:
             masks = getattr(self.model, MASKS_ATTR, None)
         if sparsity_config is None and masks is not None:
@@ -110,6 +112,8 @@ class TicketTrainer(Trainer):
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
         loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.loss_observer is not None:
+            self.loss_observer(loss)
         # After the last micro-step's backward (Trainer sets sync_gradients for it), before clipping: the method
         # sees dense gradients, then the pruned ones are zeroed, so clipping uses the sparse network's norm.
         if self.sparsity_callback is not None and self.accelerator.sync_gradients:
@@ -201,10 +205,26 @@ class TicketTrainer(Trainer):
             self._write_card(output_dir if output_dir is not None else self.args.output_dir)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        # Trainer rewrites README.md before push_to_hub; put the sparsity section back into its card.
+        """Trainer's card (training summary and its metadata), with every hf_tickets section of the card already in
+        `output_dir` kept (Trainer rewrites README.md from scratch before `push_to_hub`), the sparsity section
+        rebuilt and the method's tags added."""
+        from .cards import get_section, section_keys, set_section
+
+        path = os.path.join(self.args.output_dir, CARD_NAME)
+        old = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+        if self.sparsity_callback is not None:
+            tags = kwargs.get("tags") or []
+            tags = [tags] if isinstance(tags, str) else list(tags)
+            kwargs["tags"] = tags + [t for t in card_tags(self.sparsity_config) if t not in tags]
         super().create_model_card(*args, **kwargs)
-        if self.sparsity_callback is not None and self.is_world_process_zero():
-            self._write_card(self.args.output_dir)
+        if self.sparsity_callback is None or not self.is_world_process_zero():
+            return
+        text = open(path, encoding="utf-8").read()
+        for key in section_keys(old):
+            key = None if key == "main" else key
+            text = set_section(text, key, get_section(old, key) or "")
+        write_text_atomic(path, text)
+        self._write_card(self.args.output_dir)
 
     def _write_card(self, folder: str) -> None:
         write_model_card(
@@ -213,8 +233,47 @@ class TicketTrainer(Trainer):
             config=self.sparsity_config,
             model=self.model,
             metrics=_last_eval_metrics(self.state.log_history),
+            command=current_command(),
         )
         write_mask_updates_section(folder, self.state.log_history)
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        **kwargs: Any,
+    ):
+        """`Trainer.push_to_hub`, tagged with the method (`sparse`, `lottery-ticket`, `rigl`, `2:4`, ...): the folder
+        holds the dense weights with exact zeros, masks.safetensors, sparsity_config.json, the card and its plots.
+
+        For an IMP run whose levels are in `output_dir`, the whole run is published instead
+        (`hf_tickets.hub.push_lottery_run`): each level on its own branch, `main` = the ticket, the card linking
+        them. `kwargs` go to `create_model_card` as for Trainer (`tags`, `license`, `dataset`, ...)."""
+        if self.sparsity_callback is None:
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        from .lottery.layout import finished_levels, replicate_roots
+
+        if self.sparsity_method.iterative and any(finished_levels(r) for r in replicate_roots(self.args.output_dir)):
+            if not self.is_world_process_zero():
+                return None
+            from .hub import push_lottery_run
+
+            token = token if token is not None else self.args.hub_token
+            if self.hub_model_id is None:
+                self.init_hf_repo(token=token, private=private)
+            extra = kwargs.get("tags") or []
+            result = push_lottery_run(
+                self.args.output_dir,
+                self.hub_model_id,
+                token=token,
+                tags=[extra] if isinstance(extra, str) else list(extra),
+                commit_message=None if commit_message == "End of training" else commit_message,
+            )
+            return result["main"]
+        return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
 
 
 def _config_from_masks(masks: MaskSet) -> SparsityConfig:

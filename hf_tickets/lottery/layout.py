@@ -37,6 +37,8 @@ ACCURACY_PLOT = "imp_accuracy.png"
 EARLY_STOP_PLOT = "imp_early_stop.png"
 REPLICATE_PREFIX = "replicate_"
 PARTIAL_SUFFIX = ".partial"
+PICKLED_ARGS_NAME = "training_args.bin"  # Trainer's pickle of TrainingArguments: never kept in a level folder
+LEVEL_START_NAME = "level_start.json"  # in a .partial folder: where the level's own log entries begin
 
 
 def replicate_root(output_dir: str, replicate: int, replicates: int) -> str:
@@ -119,11 +121,21 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 def publish_level(partial: str, final_dir: str, metrics: dict) -> None:
-    """metrics.json, drop the level's Trainer checkpoints, then publish the folder with one rename."""
+    """metrics.json (written last into the level, so a `.partial` folder holding it is finished), then
+    `finish_publish`."""
     write_json_atomic(os.path.join(partial, METRICS_NAME), metrics)
+    finish_publish(partial, final_dir)
+
+
+def finish_publish(partial: str, final_dir: str) -> None:
+    """Drop the level's Trainer checkpoints and pickled training arguments (the level keeps
+    `training_args.json`), then publish the folder with one rename. Safe to repeat after a crash at any point."""
     for name in os.listdir(partial):
         if name.startswith(PREFIX_CHECKPOINT_DIR):
             shutil.rmtree(os.path.join(partial, name))
+    for name in (PICKLED_ARGS_NAME, LEVEL_START_NAME):
+        if os.path.isfile(os.path.join(partial, name)):
+            os.remove(os.path.join(partial, name))
     if os.path.isdir(final_dir):
         shutil.rmtree(final_dir)
     os.replace(partial, final_dir)

@@ -16,6 +16,7 @@ user callbacks and other `compute_metrics`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from torch import nn
 from ..cards import write_model_card
 from ..checkpoints import load_saved_weights
 from .arms import Arm, masked_copy_digest
-from .layout import PARTIAL_SUFFIX, publish_level
+from .layout import PARTIAL_SUFFIX, publish_level, write_json_atomic
 from .lockstep import (
     ArmStart,
     SplitTensors,
@@ -156,6 +157,7 @@ class LockstepBackend:
         self.config.save_pretrained(partial)
         evals = {f"eval_validation_{k}": v for k, v in (metrics.get("final_eval") or {}).items()}
         write_model_card(partial, masks=arm.masks, config=self.config, model=model, metrics=evals)
+        write_json_atomic(os.path.join(partial, "training_args.json"), json.loads(self.args.to_json_string()))
         publish_level(partial, arm.folder, metrics)
 
 

@@ -149,11 +149,15 @@ class RewindCapture(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save and state.global_step == self.step and not os.path.isdir(self.destination):
-            source = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.step}")
-            tmp = self.destination + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp)
-            os.replace(tmp, self.destination)
+            copy_checkpoint(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.step}"), self.destination)
+
+
+def copy_checkpoint(source: str, destination: str) -> None:
+    """Copy a checkpoint folder so that `destination` is either absent or complete (a `.tmp` copy renamed)."""
+    tmp = destination + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, destination)
 
 
 def rewind_point_step(folder: str) -> Optional[int]:

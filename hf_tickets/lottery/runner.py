@@ -31,7 +31,9 @@ from .arms import Arm, masked_copy_digest
 from .identity import check_identity, run_identity, tensors_digest
 from .layout import (
     CONTROL_KINDS,
+    PARTIAL_SUFFIX,
     arm_root,
+    finish_publish,
     init_weights_path,
     is_complete,
     level_dir,
@@ -205,6 +207,10 @@ class LotteryRunner:
                     arms.append(self._trunk_arm(r, level, masks[r]))
                 if level in wanted:
                     arms += [self._control_arm(kind, r, level, masks[r]) for kind in controls]
+            for arm in arms:  # killed while publishing: the level is finished, only its rename is missing
+                if writer and not is_complete(arm.folder) and is_complete(arm.folder + PARTIAL_SUFFIX):
+                    finish_publish(arm.folder + PARTIAL_SUFFIX, arm.folder)
+            trainer.accelerator.wait_for_everyone()
             todo = [arm for arm in arms if not is_complete(arm.folder)]
             summary.reused += [arm.name for arm in arms if arm not in todo]
             for arm in todo:
