@@ -137,8 +137,9 @@ def test_lost_rewind_point_is_recopied_from_checkpoint_k(tmp_path, reference, mo
 
 
 def test_a_failed_trainer_leaves_the_model_untouched(tmp_path):
-    from hf_tickets.models import build_model
     from conftest import training_args
+
+    from hf_tickets.models import build_model
 
     model = build_model("lenet_300_100", hidden_sizes=[16], image_size=8, num_channels=1, num_labels=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
