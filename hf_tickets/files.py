@@ -74,7 +74,7 @@ def read_json(path: PathLike) -> Any:
     with open(path, encoding="utf-8") as fh:
         try:
             return json.load(fh)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}): re-save it with hf_tickets.") from err
 
 
@@ -97,7 +97,8 @@ def resolve_file(
     """Local path of `filename` in a folder or a Hub repo (downloaded into the Hub cache at `revision`).
 
     Offline mode (`HF_HUB_OFFLINE=1` or `local_files_only=True`) answers from the cache. With `required=False` a
-    file the folder or repo does not have gives None; a repo or revision that does not exist is always an error.
+    file the folder or repo does not have gives None; a repo or revision that does not exist, or a file that is
+    neither reachable nor cached, is always a ValueError.
     """
     path = str(name_or_path)
     if os.path.isdir(path):
@@ -122,17 +123,31 @@ def resolve_file(
             force_download=force_download,
             subfolder=subfolder,
             _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
         )
-    except OSError as err:  # transformers' message: no such repo / revision, or not authorised
-        raise ValueError(str(err)) from err
-    if resolved is None and required:
+    except OSError as err:  # no such repo or revision, not authorised, or offline and not in the cache
+        where = f"{path!r}" + (f" at revision {revision!r}" if revision else "")
+        raise ValueError(f"cannot get {filename} of {where}: {err}") from err
+    if resolved is None and not _known_missing(path, filename, revision, cache_dir, subfolder):
+        # cached_file answers None both for "the repo has no such file" and for "offline / unreachable and not
+        # cached"; only the first one (the Hub said 404, recorded in the cache) is a missing file
         where = f"{path!r}" + (f" at revision {revision!r}" if revision else "")
         raise ValueError(
-            f"{where} has no {filename} (or it is not in the local cache and the Hub cannot be reached): is it a "
-            "checkpoint written by hf_tickets?"
+            f"cannot get {filename} of {where}: it is not in the local Hub cache and the Hub could not be asked "
+            "(offline mode, local_files_only, or no connection)."
         )
+    if resolved is None and required:
+        where = f"{path!r}" + (f" at revision {revision!r}" if revision else "")
+        raise ValueError(f"{where} has no {filename}: is it a checkpoint written by hf_tickets?")
     return resolved
+
+
+def _known_missing(repo_id: str, filename: str, revision: Optional[str], cache_dir, subfolder: str) -> bool:
+    """Whether the Hub cache records that the repo has no such file at that revision (a 404 it was told)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    name = f"{subfolder}/{filename}" if subfolder else filename
+    return try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST
 
 
 def weight_files(folder: str) -> list[str]:

@@ -142,8 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def error(self, status: int, code: str, message: str) -> None:
-        self.send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
+    def error(self, status: int, code: str, message: str, headers: Optional[dict] = None) -> None:
+        self.send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
 
     def repo(self, repo_type: str, repo_id: str) -> Optional[Repo]:
         repo = self.state.repos.get((repo_type, repo_id))
@@ -463,7 +463,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         e = c.tree.get(path)
         if e is None:
-            return self.error(404, "EntryNotFound", f"{path} does not exist at {rev}")
+            # with the commit, as the Hub does: the client records the missing file in its cache (.no_exist)
+            return self.error(404, "EntryNotFound", f"{path} does not exist at {rev}", {"X-Repo-Commit": c.sha})
         headers = {"X-Repo-Commit": c.sha, "Accept-Ranges": "bytes"}
         if e.lfs:  # to the "CDN" on another port: the client reads metadata from this response
             headers.update(

@@ -168,8 +168,8 @@ def plot_aggregate(report: dict, root: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {
         "ticket": "IMP ticket (rewind)",
-        "reinit": "control: random re-init",
-        "random_prune": "control: random pruning",
+        "reinit": "control: same masks, random re-initialization",
+        "random_prune": "control: random pruning, same layer sizes",
     }
     for arm, label in labels.items():
         points = [(e["remaining_weights_pct"], e[arm]) for e in report["levels"] if arm in e]
@@ -187,7 +187,9 @@ def plot_aggregate(report: dict, root: str) -> None:
         ax.axhline(100 * report["dense_accuracy"], color="gray", linestyle="--", label="dense (mean)")
     ax.set_xscale("log")
     ax.invert_xaxis()
-    ax.set_xlabel("remaining weights (%)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("remaining weights (% of the prunable weights, log scale)")
     ax.set_ylabel(f"accuracy (%), mean ± std over {report['replicates']} replicates")
     ax.set_title("Lottery tickets vs controls")
     ax.grid(True, which="both", alpha=0.3)
@@ -199,41 +201,80 @@ def plot_aggregate(report: dict, root: str) -> None:
     os.replace(tmp, os.path.join(root, ACCURACY_PLOT))
 
 
+ARM_LABELS = {
+    "reinit": "control: same masks, random re-initialization",
+    "random_prune": "control: random pruning, same layer sizes",
+}
+
+
+def rewind_label(rows: list[dict]) -> str:
+    """Where the IMP trunk was rewound to, in words (from its levels' metrics)."""
+    row = next((r for r in rows if r.get("level", 0) > 0), rows[0] if rows else {})
+    mode, k = row.get("rewind"), row.get("rewind_step_k")
+    if mode == "init":
+        return "rewound to initialization"
+    if mode == "step" and k is not None:
+        return f"rewound to step {k}"
+    if mode == "lr" and k is not None:
+        return f"learning rate rewound to step {k}"
+    if mode == "none":
+        return "fine-tuned, no rewind"
+    return f"rewind: {mode}" if mode else "rewind point unknown"
+
+
 def plot_report(report: dict, root: str) -> None:
-    """Accuracy vs remaining weights (log x; trunk, controls, dense line) and early-stop step vs remaining weights."""
+    """Accuracy (%) vs remaining weights (%, log x) for the trunk, both controls and the dense level, and the early-
+    stop step vs remaining weights; titled, labelled in words, legends outside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {"IMP (rewind)": report["trunk"], **{f"control: {k}": v for k, v in report["controls"].items()}}
-    for filename, key, ylabel in (
-        (ACCURACY_PLOT, "accuracy", f"accuracy ({report['scored_by']})"),
-        (EARLY_STOP_PLOT, "early_stop_step", "early-stop step (min validation loss)"),
+    trunk_label = f"IMP ticket ({rewind_label(report['trunk'])})"
+    series = {
+        trunk_label: report["trunk"],
+        **{ARM_LABELS.get(k, f"control: {k}"): v for k, v in report["controls"].items()},
+    }
+    scored_by = report["scored_by"].replace("_", " ").replace(".", ", ")
+    for filename, key, ylabel, title in (
+        (ACCURACY_PLOT, "accuracy", f"accuracy (%; {scored_by})", "Accuracy vs remaining weights"),
+        (
+            EARLY_STOP_PLOT,
+            "early_stop_step",
+            "early-stop step (minimum validation loss)",
+            "Early-stop step vs remaining weights",
+        ),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4.2))
         plotted = False
         for label, rows in series.items():
             points = []
             for row in rows:
                 y = score(row)[0] if key == "accuracy" else row.get("early_stop_step")
                 if y is not None:
-                    points.append((row["remaining_weights_pct"], y))
+                    points.append((row["remaining_weights_pct"], 100 * y if key == "accuracy" else y))
             if points:
                 points.sort(reverse=True)
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
                 plotted = True
         if key == "accuracy" and report["dense_accuracy"] is not None:
-            ax.axhline(report["dense_accuracy"], color="gray", linestyle="--", label="dense")
+            ax.axhline(100 * report["dense_accuracy"], color="gray", linestyle="--", label="dense network (level 0)")
         ax.set_xscale("log")
         ax.invert_xaxis()
-        ax.set_xlabel("remaining weights (%)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({round(r["remaining_weights_pct"], 1) for r in report["trunk"]}))
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        if key == "accuracy":
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.set_xlabel("remaining weights (% of the prunable weights, log scale)")
         ax.set_ylabel(ylabel)
+        ax.set_title(title)
         if plotted:
-            ax.legend()
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         ax.grid(True, which="both", alpha=0.3)
-        fig.subplots_adjust(left=0.14, right=0.94, bottom=0.13, top=0.95)  # fixed: tight_layout costs ~40% of a plot
+        fig.tight_layout()
         tmp = os.path.join(root, filename + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=110)
         plt.close(fig)
         os.replace(tmp, os.path.join(root, filename))
