@@ -25,10 +25,11 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..files import METRICS_NAME  # a checkpoint folder's file: the one table of those is files.py
+
 CONTROL_KINDS = ("reinit", "random_prune")
 ARM_KINDS = ("trunk", *CONTROL_KINDS)
 
-METRICS_NAME = "metrics.json"
 INIT_WEIGHTS_NAME = "init_weights.safetensors"
 REINIT_WEIGHTS_NAME = "reinit_weights.safetensors"
 REWIND_DIR = "rewind_point"

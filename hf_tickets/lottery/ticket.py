@@ -42,7 +42,7 @@ def lottery_section(report: dict, chosen: int, command: Optional[str] = None) ->
                 f"{'n/a' if acc is None else f'{acc:.4f}'} | {row.get('early_stop_step', 'n/a')} |"
             )
     dense = report["dense_accuracy"]
-    controls = [ARM_LABELS.get(kind, kind) for kind in report["controls"]]
+    controls = [ARM_LABELS.get(kind, kind).removeprefix("control: ") for kind in report["controls"]]
     return (
         "## Lottery-ticket run\n\n"
         f"Iterative magnitude pruning, {rewind_label(report['trunk'])} after each pruning step; accuracy is "
