@@ -2,10 +2,10 @@
 
 A card (README.md) is YAML metadata plus markdown. Each writer owns named sections between markers
 (`<!-- hf_tickets:start/end -->` for the sparsity section, `<!-- hf_tickets:KEY:start/end -->` for the others:
-`evaluation`, `command`, `lottery`, `mask_updates`, `sparse_inference`, `hub`) and replaces only its own, so
-rewriting a card keeps everything else: text a person wrote, other writers' sections and every metadata field. Metadata follows
-the Hub's model-card spec (library_name, tags, pipeline_tag, base_model, datasets, license, model-index) and is
-written through `huggingface_hub.ModelCard`, so the Hub renders and indexes it.
+`evaluation`, `command`, `nm_check`, `lottery`, `mask_updates`, `sparse_inference`, `hub`) and replaces only its
+own, so rewriting a card keeps everything else: text a person wrote, other writers' sections and every metadata
+field. Metadata follows the Hub's model-card spec (library_name, tags, pipeline_tag, base_model, datasets, license,
+model-index) and is written through `huggingface_hub.ModelCard`, so the Hub renders and indexes it.
 """
 
 from __future__ import annotations
@@ -214,6 +214,22 @@ def command_markdown(command: str) -> str:
     return f"### Reproduce\n\nThis checkpoint was produced by:\n\n```bash\n{command}\n```"
 
 
+def nm_check_markdown(model: nn.Module, masks: MaskSet, pattern: str) -> str:
+    """The N:M validator's verdict on a model's weights and masks (`hf_tickets.validate_nm`), per tensor."""
+    from .nm import validate_nm
+
+    report = validate_nm(model, pattern, dict(masks))
+    rows = "\n".join(
+        f"| `{name}` | {'holds the pattern' if row['ok'] else 'FAILS'} |" for name, row in report.tensors.items()
+    )
+    skipped = "".join(f"\n| `{name}` | left dense: {why} |" for name, why in report.skipped.items())
+    verdict = "✅ every checked tensor holds the pattern" if report.ok else "❌ some tensors do not hold the pattern"
+    return (
+        f"### N:M check ({pattern})\n\n{verdict} ({report.summary()}), checked when this card was written with "
+        f"`hf_tickets.validate_nm`.\n\n| tensor | verdict |\n|---|---|\n{rows}{skipped}"
+    )
+
+
 def plot_layer_sparsity(masks: MaskSet, path: str) -> None:
     """Horizontal bars: each masked tensor's sparsity in percent, with the overall sparsity as a line."""
     import matplotlib
@@ -299,6 +315,8 @@ def write_model_card(
         text = set_section(text, "evaluation", legacy)
     if command:
         text = set_section(text, "command", command_markdown(command))
+    if config.nm is not None and model is not None and len(masks):
+        text = set_section(text, "nm_check", nm_check_markdown(model, masks, config.pattern))
     card.text = text
     data = card.data
     data.library_name = data.library_name or "transformers"

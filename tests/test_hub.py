@@ -101,7 +101,7 @@ from test_hub import imp_trainer
 from transformers import TrainingArguments
 from huggingface_hub import HfApi
 from hf_tickets import SparsityConfig, TicketTrainer
-from hf_tickets.hub import push_checkpoint
+from hf_tickets.cards import upsert_card_section
 from hf_tickets.models import build_model
 
 run_dir, cnn_dir, plain_dir = sys.argv[1:4]
@@ -109,12 +109,14 @@ run_dir, cnn_dir, plain_dir = sys.argv[1:4]
 trainer = imp_trainer(run_dir)
 trainer.args.hub_model_id = "tiny-bert-ticket"
 print("pushed", trainer.push_to_hub())
-# 2. a reference CNN, one-shot magnitude, through push_checkpoint
+# 2. a reference CNN, one-shot magnitude, through Trainer's own push_to_hub (which rewrites README.md)
 torch.manual_seed(0)
 cnn = build_model("lenet_300_100", num_channels=1, image_size=8, num_labels=10, hidden_sizes=[16, 8])
-TicketTrainer(model=cnn, args=TrainingArguments(cnn_dir, report_to=[], use_cpu=True),
-              sparsity_config=SparsityConfig(sparsity=0.75)).save_model(cnn_dir)
-push_checkpoint(cnn_dir, "lenet-sparse", tags=["example"])
+args = TrainingArguments(cnn_dir, report_to=[], use_cpu=True, hub_model_id="lenet-sparse")
+cnn_trainer = TicketTrainer(model=cnn, args=args, sparsity_config=SparsityConfig(sparsity=0.75))
+cnn_trainer.save_model(cnn_dir)
+upsert_card_section(cnn_dir, "notes", "## Notes\n\nA section another writer added: kept through push_to_hub.")
+cnn_trainer.push_to_hub(tags=["example"])
 # 3. a checkpoint without masks (made sparse by hand), with huggingface_hub alone
 plain = make_bert(seed=3)
 with torch.no_grad():
@@ -162,6 +164,13 @@ for rev in ("main", "level_01"):
     weights = hf_hub_download(repo, "model.safetensors", revision=rev)
     open(f"{out}/model-{rev}.safetensors", "wb").write(open(weights, "rb").read())
 open(f"{out}/README-cnn.md", "w").write(open(hf_hub_download(cnn_repo, "README.md")).read())
+# `hf-tickets inspect REPO_ID --revision level_01`, the console script's own entry point, into a fresh cache
+# (online: the branch is resolved by the server even when its files are cached)
+import contextlib, io
+from hf_tickets.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as printed:
+    code = main(["inspect", repo, "--revision", "level_01"])
+open(f"{out}/inspect.txt", "w").write(f"exit {code}\n" + printed.getvalue())
 """
 
 OFFLINE = r"""
@@ -221,9 +230,11 @@ def test_pushed_run_has_a_branch_per_level_and_no_pickles(pushed):
         level_revision(lv, kind) for kind in ("reinit", "random_prune") for lv in (1, 2)
     }
     assert expected | {"main"} <= set(listing["refs"])
-    for files in (listing["main_files"], listing["level_files"], listing["cnn_files"]):
-        assert {"model.safetensors", MASKS_NAME, "sparsity_config.json", CARD_NAME, "config.json"} <= set(files)
-        assert not [f for f in files if f.endswith((".bin", ".pt", ".pth"))], files  # training_args.bin stays local
+    required = {"model.safetensors", MASKS_NAME, "sparsity_config.json", CARD_NAME, "config.json"}
+    for files in (listing["main_files"], listing["level_files"]):  # push_checkpoint: never a pickle
+        assert required <= set(files)
+        assert not [f for f in files if f.endswith((".bin", ".pt", ".pth"))], files
+    assert required | {SPARSITY_PLOT} <= set(listing["cnn_files"])  # Trainer.push_to_hub: the whole output_dir
     assert {"imp_accuracy.png", "imp_early_stop.png", SPARSITY_PLOT} <= set(listing["main_files"])
     assert "imp_accuracy.png" not in listing["level_files"]  # a branch mirrors its level folder
 
@@ -240,6 +251,8 @@ def test_pushed_cards_link_levels_and_name_the_repo(pushed, hub):
     cnn_card = ModelCard.load(down / "README-cnn.md")
     assert {"sparse", "magnitude", "example"} <= set(cnn_card.data.tags)
     assert "import hf_tickets" in cnn_card.text and "no `trust_remote_code`" in cnn_card.text
+    assert "kept through push_to_hub" in get_section(cnn_card.text, "notes")  # Trainer rewrote the card; kept
+    assert "| `hidden.0.weight` |" in cnn_card.text and cnn_card.data.library_name == "transformers"
 
 
 def test_reference_cnn_loads_once_hf_tickets_is_imported(pushed):
@@ -259,12 +272,12 @@ def test_repo_without_masks_loads_with_masks_from_zeros(pushed):
     assert not any("embeddings" in n for n in derived)
 
 
-def test_inspect_repo_id_against_the_local_hub(pushed, hub, tmp_path):
-    exe = os.path.join(os.path.dirname(sys.executable), "hf-tickets")
-    proc = client(hub, "", tmp_path / "home", args=(exe, "inspect", REPO, "--revision", "level_01"))
+def test_inspect_repo_id_against_the_local_hub(pushed):
+    """`hf-tickets inspect REPO_ID --revision level_01` (cli.main, in the download process) reads the level's masks."""
+    printed = (pushed["down"] / "inspect.txt").read_text()
     masks = MaskSet.load(pushed["run"] / "level_01")
-    assert f"sparsity {masks.report()['sparsity']:.4f}" in proc.stdout
-    assert "bert.encoder.layer.0.attention.self.query.weight" in proc.stdout
+    assert printed.startswith("exit 0") and f"sparsity {masks.report()['sparsity']:.4f}" in printed
+    assert REPO in printed and "bert.encoder.layer.0.attention.self.query.weight" in printed
 
 
 def test_offline_mode_answers_from_the_cache(pushed, hub):
@@ -335,6 +348,19 @@ def test_card_of_a_legacy_card_keeps_its_evaluation(tmp_path):
     path.write_text(text)
     assert main(["card", str(tmp_path / "out")]) == 0
     assert "| eval_accuracy | 0.9100 |" in get_section(path.read_text(), "evaluation")
+
+
+def test_nm_card_has_the_validators_verdict(tmp_path):
+    trainer = TicketTrainer(
+        model=make_bert(),
+        args=training_args(tmp_path / "o"),
+        sparsity_config=SparsityConfig(method="nm", pattern="2:4"),
+    )
+    trainer.save_model(str(tmp_path / "out"))
+    card = ModelCard.load(tmp_path / "out" / CARD_NAME)
+    verdict = get_section(card.text, "nm_check")
+    assert "✅" in verdict and "14 of 14 tensors hold the pattern" in verdict
+    assert "2:4" in card.data.tags and "nm" in card.data.tags
 
 
 # ---- safety: what a repo's masks may and may not do -----------------------------------------------------------------
