@@ -124,6 +124,9 @@ with torch.no_grad():
 plain.save_pretrained(plain_dir)
 HfApi().create_repo("plain-bert")
 HfApi().upload_folder(folder_path=plain_dir, repo_id="tester/plain-bert")
+# 4. a config alone: SparsityConfig.save_pretrained(push_to_hub=True)
+alone = SparsityConfig(sparsity=0.625, scope="layerwise")
+alone.save_pretrained(plain_dir + "-cfg", push_to_hub=True, repo_id="cfg-only")
 """
 
 DOWNLOAD = r"""
@@ -150,6 +153,7 @@ for rev in ("main", "level_01", "reinit-level_02"):
     load_masks(repo, revision=rev).save(f"{out}/masks-{rev}")
 load_masks(cnn_repo).save(f"{out}/masks-cnn")
 json.dump(SparsityConfig.from_pretrained(repo).to_dict(), open(f"{out}/config.json", "w"))
+json.dump(SparsityConfig.from_pretrained("tester/cfg-only").to_dict(), open(f"{out}/config-only.json", "w"))
 logging.basicConfig()
 derived = load_masks(plain_repo)  # no masks.safetensors in this repo: derived from zeros, with a warning
 derived.save(f"{out}/masks-plain")
@@ -222,6 +226,8 @@ def test_push_then_download_gives_identical_weights_and_masks(pushed):
     for name, mask in masks.items():  # exact zeros where pruned, in what stock transformers loaded
         assert not weights[name][~mask].any(), name
     assert json.loads((down / "config.json").read_text())["method"] == "imp"
+    pushed_alone = json.loads((down / "config-only.json").read_text())  # SparsityConfig.save_pretrained(push_to_hub=)
+    assert pushed_alone["sparsity"] == 0.625 and pushed_alone["scope"] == "layerwise"
 
 
 def test_pushed_run_has_a_branch_per_level_and_no_pickles(pushed):
