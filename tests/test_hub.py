@@ -449,3 +449,21 @@ def test_zero_mask_module_types_match_the_default_targets():
     assert set(DEFAULT_TARGET_TYPES) - set(_ZERO_MASK_TYPES) <= {
         t for t in DEFAULT_TARGET_TYPES if t.__name__ == "Conv1D"
     }
+
+
+def test_model_cards_folder_holds_the_template_and_valid_example_cards():
+    folder = os.path.join(ROOT, "model_cards")
+    template = os.path.join(folder, "templates", "sparsity_section.md")
+    package = os.path.join(ROOT, "hf_tickets", "templates", "sparsity_section.md")
+    assert os.path.samefile(template, package)  # one template: the one the package renders
+    examples = [d for d in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, d, CARD_NAME))]
+    assert {"lenet300_mnist", "lenet5_fashion_mnist", "minilm_rotten_tomatoes"} <= set(examples)
+    for name in examples:
+        path = os.path.join(folder, name, CARD_NAME)
+        card = ModelCard.load(path)
+        assert {"sparse", "lottery-ticket"} <= set(card.data.tags) and card.data.datasets, name
+        assert "shortened" in get_section(card.text, "example_run") and "hf-tickets run" in get_section(
+            card.text, "command"
+        )
+        for image in ("imp_accuracy.png", SPARSITY_PLOT):
+            assert open(os.path.join(folder, name, image), "rb").read(8) == PNG_MAGIC, (name, image)
