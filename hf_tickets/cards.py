@@ -300,7 +300,7 @@ def write_model_card(
     if os.path.isfile(path):
         card = ModelCard.load(path)
         text = card.text
-        if not text.lstrip().startswith("#"):
+        if not re.search(r"^# ", text, re.M):  # a card without a title (Trainer's cards have one)
             text = f"# Sparse {facts['class'] or 'model'}\n\n" + text.lstrip()
     else:
         card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
