@@ -220,9 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         return opts.func(opts)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # bad input: the message names the field and the fix
         print(f"hf-tickets: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a permission: one line, not a traceback
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"hf-tickets: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

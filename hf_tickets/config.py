@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import ClassVar, Literal, Optional, Union
 
@@ -195,12 +197,20 @@ class SparsityConfig(PushToHubMixin):
                 f"SparsityConfig.sparsity is required for method={self.method!r}: give the fraction of weights to "
                 "zero, e.g. sparsity=0.9."
             )
+        if not isinstance(self.pattern, str):
+            raise TypeError(
+                f"SparsityConfig.pattern must be a string such as 'unstructured' or '2:4', got {self.pattern!r} "
+                f'({type(self.pattern).__name__}); in YAML quote it: pattern: "2:4" (unquoted, 2:4 reads as 124).'
+            )
+        if self.sparsity is not None and (
+            isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
+        ):
+            raise TypeError(
+                f"SparsityConfig.sparsity must be a number in [0, 1), got {self.sparsity!r} "
+                f"({type(self.sparsity).__name__}): e.g. sparsity=0.9."
+            )
         if self.sparsity is not None:
-            if (
-                isinstance(self.sparsity, bool)
-                or not isinstance(self.sparsity, (int, float))
-                or not (0.0 <= float(self.sparsity) < 1.0)
-            ):
+            if math.isnan(self.sparsity) or not (0.0 <= float(self.sparsity) < 1.0):
                 raise ValueError(
                     f"SparsityConfig.sparsity={self.sparsity!r} is outside [0, 1): give the fraction of weights to "
                     "zero, e.g. 0.9."
@@ -220,19 +230,24 @@ class SparsityConfig(PushToHubMixin):
                 raise ValueError(f"SparsityConfig.{name} must be a regex string or a list of names, got {value!r}.")
             if isinstance(value, (tuple, set)):
                 setattr(self, name, sorted(value))
+            for regex in [value] if isinstance(value, str) else list(value or ()):
+                _check_regex(f"SparsityConfig.{name}", regex)
         if self.layer_rates is not None:
             if not isinstance(self.layer_rates, dict):
                 raise ValueError(
                     f"SparsityConfig.layer_rates must be a dict or JSON object, got {self.layer_rates!r}."
                 )
             for pattern, rate in self.layer_rates.items():
-                if not isinstance(rate, (int, float)) or rate < 0 or float(rate) * self.max_rate() >= 1.0:
+                _check_regex("SparsityConfig.layer_rates key", pattern)
+                if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+                    raise TypeError(f"SparsityConfig.layer_rates[{pattern!r}] must be a number, got {rate!r}.")
+                if math.isnan(rate) or rate < 0 or float(rate) * self.max_rate() >= 1.0:
                     raise ValueError(
                         f"SparsityConfig.layer_rates[{pattern!r}]={rate!r} gives a rate outside [0, 1): use a factor "
                         f">= 0 with factor * {self.max_rate()} < 1."
                     )
-        if not isinstance(self.seed, int):
-            raise ValueError(f"SparsityConfig.seed must be an int, got {self.seed!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"SparsityConfig.seed must be an int, got {self.seed!r} ({type(self.seed).__name__}).")
         self._validate_sanity_check()
         self.validate_method()
         if self.max_layer_sparsity is not None:
@@ -377,9 +392,19 @@ class SparsityConfig(PushToHubMixin):
             if k not in known
             and any(k in _field_names(c) and _field_default(c, k) == v for c in _CONFIG_CLASSES.values())
         }
+        from .version import __version__
+
+        newer = _newer_writer(data.get("hf_tickets_version"))
         unknown = sorted(set(data) - known - foreign - {"hf_tickets_version"})
+        written = f"written by hf_tickets {newer}, newer than this {__version__}" if newer else None
         if unknown:
-            logger.warning("Ignoring unknown SparsityConfig keys %s (written by a newer hf_tickets?).", unknown)
+            logger.warning(
+                "Ignoring unknown SparsityConfig keys %s (%s).", unknown, written or "written by a newer hf_tickets?"
+            )
+        elif written:
+            logger.warning(
+                "sparsity_config.json was %s: upgrade if it uses settings this version does not know.", written
+            )
         return target(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
@@ -393,6 +418,30 @@ class SparsityConfig(PushToHubMixin):
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object: it is not a SparsityConfig.")
         return cls.from_dict(data)
+
+
+def _check_regex(what: str, pattern: object) -> None:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} entries must be strings (names or regexes), got {pattern!r}.")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex ({err}): escape special characters.") from err
+
+
+def _newer_writer(stamp: object) -> Optional[str]:
+    """The version that wrote a config, when it is newer than this hf_tickets (its settings may mean more)."""
+    from .version import __version__
+
+    if stamp is None:
+        return None
+    if not isinstance(stamp, str) or not re.match(r"^\d+\.\d+", stamp):
+        raise ValueError(f"sparsity_config.json has an invalid hf_tickets_version {stamp!r}.")
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+
+    return stamp if major_minor(stamp) > major_minor(__version__) else None
 
 
 def _field_names(cls: type) -> set[str]:

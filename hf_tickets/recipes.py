@@ -61,7 +61,10 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"recipe {path!r} not found: pass a YAML file such as recipes/quickstart_digits.yaml.")
     with open(path, encoding="utf-8") as fh:
-        recipe = _coerce_numbers(yaml.safe_load(fh) or {})
+        try:
+            recipe = _coerce_numbers(yaml.safe_load(fh) or {})
+        except yaml.YAMLError as err:
+            raise ValueError(f"recipe {path!r} is not valid YAML: {err}".replace("\n", " ")) from err
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path!r} must be a YAML mapping with sections {list(SECTIONS)}.")
     _refuse_renamed(recipe, path)
@@ -82,7 +85,10 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section with keys in {path!r}.")
-        node[parts[-1]] = _coerce_numbers(yaml.safe_load(value))
+        try:
+            node[parts[-1]] = _coerce_numbers(yaml.safe_load(value))
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({err})".replace("\n", " ")) from err
     _refuse_remote_code(recipe, "the overrides")
     recipe.setdefault("model", {})
     recipe.setdefault("data", {})
@@ -181,10 +187,32 @@ def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> Ti
 
 def _construct(cls: type, section: str, kwargs: dict[str, Any]) -> Any:
     """`cls(**kwargs)`, with a misspelt or mistyped key reported as a ValueError that names the recipe section."""
+    _check_number_fields(cls, section, kwargs)
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"recipe section {section!r} does not fit {cls.__name__}: {err}") from err
+
+
+def _check_number_fields(cls: type, section: str, kwargs: dict[str, Any]) -> None:
+    """A value of the wrong kind for a field whose default is a number or a bool (`training.max_steps=abc`) would
+    only fail deep inside training: name it now."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for key, value in kwargs.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            kind = "true or false" if isinstance(default, bool) else "a number"
+            raise ValueError(f"recipe {section}.{key}={value!r} must be {kind} (default {default!r}).")
 
 
 def _limit_eval(splits: dict[str, Any], max_samples: int | None) -> dict[str, Any]:

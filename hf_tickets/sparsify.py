@@ -34,7 +34,20 @@ def initial_masks(model: nn.Module, method: SparsityMethod, batches: BatchSource
             "batches= to apply_sparsity)."
         )
     masks = method.initial_masks(model, targets, batches)
+    _refuse_empty(masks, config)
     return apply_sanity_check(model, masks, config)
+
+
+def _refuse_empty(masks: MaskSet, config: SparsityConfig) -> None:
+    """Before anything changes: masks that keep no weight of a layer pruned on its own (or of every layer) cut
+    every path through it, so the run could only train a constant."""
+    empty = [name for name, mask in masks.items() if mask.numel() and not bool(mask.any())]
+    if empty and (config.scope == "layerwise" or len(empty) == len(masks)):
+        raise ValueError(
+            f"SparsityConfig(sparsity={config.sparsity}, scope={config.scope!r}) keeps no weight of {empty[:3]}"
+            f"{' ...' if len(empty) > 3 else ''} ({len(empty)} of {len(masks)} tensors): lower sparsity, use "
+            "scope='global', exclude those modules (exclude_modules) or cap them (max_layer_sparsity)."
+        )
 
 
 def apply_sparsity(

@@ -72,6 +72,7 @@ def resolve_targets(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Pa
             continue
         chosen[id(weight)] = param_ids[id(weight)]
 
+    _check_excludes_match(model, config.exclude_modules)
     if explicit and not matched_any:
         raise ValueError(
             f"SparsityConfig.target_modules={config.target_modules!r} matches no module with a weight in "
@@ -92,6 +93,21 @@ def resolve_targets(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Pa
             f"exclude_modules={config.exclude_modules!r}: loosen exclude_modules or name target_modules."
         )
     return {name: param for name, param in model.named_parameters() if id(param) in chosen}
+
+
+def _check_excludes_match(model: nn.Module, exclude_modules) -> None:
+    """A misspelt exclude_modules entry would silently prune what the user meant to keep: each must match."""
+    if exclude_modules is None:
+        return
+    # a string is one regex; a list holds names, each matched on its own
+    specs = [exclude_modules] if isinstance(exclude_modules, str) else [[p] for p in exclude_modules]
+    weighted = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+    unused = [s if isinstance(s, str) else s[0] for s in specs if not any(module_matches(n, s) for n in weighted)]
+    if unused:
+        raise ValueError(
+            f"SparsityConfig.exclude_modules entries {unused} match no module with a weight in "
+            f"{type(model).__name__}: use module names from model.named_modules(), e.g. {_example_names(model)}."
+        )
 
 
 def _example_names(model: nn.Module, limit: int = 4) -> list[str]:

@@ -17,11 +17,17 @@ from hf_tickets.masks import MASKS_NAME
 # ---- SparsityConfig fields ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), float("inf"), "0.5", True])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
 @pytest.mark.parametrize("method", ["magnitude", "random"])
 def test_sparsity_outside_0_1(value, method):
     with pytest.raises(ValueError, match=r"sparsity.*\[0, 1\)"):
         SparsityConfig(method=method, sparsity=value)
+
+
+@pytest.mark.parametrize("value", ["0.5", True])
+def test_sparsity_of_the_wrong_type_is_a_type_error(value):
+    with pytest.raises(TypeError, match=r"sparsity must be a number"):
+        SparsityConfig(method="magnitude", sparsity=value)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random"])
@@ -68,16 +74,22 @@ def test_target_modules_of_the_wrong_type(field):
 
 @pytest.mark.parametrize(
     "value",
-    [{"classifier": -0.5}, {"classifier": 2.0}, {"classifier": "half"}, ["classifier"], '{"classifier": '],
+    [{"classifier": -0.5}, {"classifier": 2.0}, ["classifier"], '{"classifier": '],
 )
 def test_bad_layer_rates(value):
     with pytest.raises(ValueError, match="layer_rates"):
         SparsityConfig(sparsity=0.6, layer_rates=value)
 
 
+def test_layer_rate_of_the_wrong_type():
+    with pytest.raises(TypeError, match=r"layer_rates\['classifier'\] must be a number"):
+        SparsityConfig(sparsity=0.6, layer_rates={"classifier": "half"})
+
+
 def test_seed_must_be_an_int():
-    with pytest.raises(ValueError, match="seed"):
-        SparsityConfig(sparsity=0.5, seed="0")
+    for value in ("0", True, 1.5):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            SparsityConfig(sparsity=0.5, seed=value)
 
 
 # ---- config vs model ------------------------------------------------------------------------------------------
