@@ -280,8 +280,12 @@ def write_model_card(
     base_model: Optional[str] = None,
     license: Optional[str] = None,
     metrics_source: str = "",
+    chart: bool = True,
 ) -> str:
     """Create README.md, or update the hf_tickets sections and metadata of an existing one; return its path.
+
+    `chart=False` skips drawing the per-layer sparsity chart (most of a card's cost; the lottery's level folders
+    skip it, and the exported ticket draws it).
 
     Args:
         metrics: flat evaluation metrics (e.g. `eval_test_accuracy`); without them an existing evaluation section
@@ -294,7 +298,7 @@ def write_model_card(
     path = os.path.join(output_dir, CARD_NAME)
     facts = model_facts(model, output_dir)
     plot = None
-    if len(masks):
+    if len(masks) and chart:
         plot_layer_sparsity(masks, os.path.join(output_dir, SPARSITY_PLOT))
         plot = SPARSITY_PLOT
     if os.path.isfile(path):

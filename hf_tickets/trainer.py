@@ -66,6 +66,7 @@ class TicketTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # Sees every micro-step's loss (the lottery's Trainer backend keeps a level's exact mean across resumes).
         self.loss_observer: Optional[Callable[[torch.Tensor], None]] = None
+        self.card_charts = True  # False: saved cards skip the per-layer chart (the lottery's level folders)
         if masks is None and sparsity_config is None:
             masks = getattr(self.model, MASKS_ATTR, None)
         if sparsity_config is None and masks is not None:
@@ -234,6 +235,7 @@ class TicketTrainer(Trainer):
             model=self.model,
             metrics=_last_eval_metrics(self.state.log_history),
             command=current_command(),
+            chart=self.card_charts,
         )
         write_mask_updates_section(folder, self.state.log_history)
 

@@ -156,7 +156,7 @@ class LockstepBackend:
         arm.masks.save(partial)
         self.config.save_pretrained(partial)
         evals = {f"eval_validation_{k}": v for k, v in (metrics.get("final_eval") or {}).items()}
-        write_model_card(partial, masks=arm.masks, config=self.config, model=model, metrics=evals)
+        write_model_card(partial, masks=arm.masks, config=self.config, model=model, metrics=evals, chart=False)
         write_json_atomic(os.path.join(partial, "training_args.json"), json.loads(self.args.to_json_string()))
         publish_level(partial, arm.folder, metrics)
 

@@ -147,6 +147,7 @@ class TrainerBackend:
                 setattr(trainer.args, name, value)
             trainer.set_masks(arm.masks)
             trainer.loss_observer = loss.observe
+            trainer.card_charts = False  # level cards without the per-layer chart; export_ticket draws it
             if checkpoint is not None and _step_of(checkpoint) >= self.total_steps():
                 last_lr = self._finish_from(checkpoint, hook, loss)  # the level ended; only publishing was lost
             else:
@@ -177,6 +178,7 @@ class TrainerBackend:
             return metrics
         finally:
             trainer.loss_observer = None
+            trainer.card_charts = True
             for cb in added:
                 trainer.remove_callback(cb)
             for name, value in saved_args.items():
