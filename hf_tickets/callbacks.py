@@ -93,7 +93,8 @@ class SparsityCallback(TrainerCallback, ExportableState):
             listed = "; ".join(f"{n} {why}" for n, why in list(collapsed.items())[:5])
             logger.warning(
                 "Layer collapse: %s%s. The network may be cut and train to a constant. Remedies: exclude the tensor "
-                "(exclude_modules), prune layer by layer (scope='layerwise'), or lower its rate (layer_rates).",
+                "(exclude_modules), prune layer by layer (scope='layerwise'), lower its rate (layer_rates), or cap "
+                "every tensor (max_layer_sparsity=0.99).",
                 listed,
                 " ..." if len(collapsed) > 5 else "",
             )
