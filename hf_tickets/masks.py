@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = SPARSITY_REPORT_NAME  # kept for callers of earlier versions; the table of names is files.py
 HEADER_KEY = "hf_tickets_masks"
+HEADER_SHA_KEY = "hf_tickets_masks_sha256"  # sha256 of every other header entry: metadata cannot change unseen
 # Module types whose weights are masked when masks are derived from zeros: targets.DEFAULT_TARGET_TYPES (not importable
 # here, targets -> peft_interop -> masks; tests/test_hub.py checks they agree).
 _ZERO_MASK_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -200,6 +201,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 {"tensors": tensors, "order": list(self._masks), "metadata": meta}, sort_keys=True, default=str
             ),
         }
+        header[HEADER_SHA_KEY] = _header_digest(header)  # any change to the header (metadata too) is refused
         path = os.path.join(save_directory, MASKS_NAME)
         atomic_write(path, lambda tmp: save_file(packed, tmp, metadata=header))
         write_json_atomic(os.path.join(save_directory, SPARSITY_REPORT_NAME), dict(self.report(), metadata=meta))
@@ -228,6 +230,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
                         "pass the masks.safetensors written by hf_tickets, not model weights."
                     )
                 info = json.loads(header[HEADER_KEY])
+                _check_header(header, info, path)
                 masks = _read_checked(fh, info, path)
         except SafetensorError as err:
             raise ValueError(f"{path} is corrupted or not a safetensors file ({err}): re-save the masks.") from err
@@ -252,6 +255,21 @@ class MaskSet(Mapping[str, torch.Tensor]):
             if isinstance(module, types) and isinstance(weight, nn.Parameter):
                 masks[f"{module_name}.weight" if module_name else "weight"] = weight.detach().ne(0).cpu()
         return cls(masks, dict(metadata or {}, derived_from="zeros"))
+
+
+def _header_digest(header: Mapping[str, str]) -> str:
+    rest = {k: v for k, v in header.items() if k != HEADER_SHA_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_header(header: Mapping[str, str], info: dict, path: str) -> None:
+    """The header's own checksum (files written with per-tensor checksums always carry it)."""
+    expected = header.get(HEADER_SHA_KEY)
+    with_checksums = any("sha256" in t for t in info["tensors"].values())
+    if expected is None and with_checksums:
+        raise ValueError(f"{path}: the masks header lost its checksum ({HEADER_SHA_KEY}): the file was altered.")
+    if expected is not None and _header_digest(header) != expected:
+        raise ValueError(f"{path}: the masks header fails its checksum: the file was altered; re-save the masks.")
 
 
 def _digest(packed: torch.Tensor) -> str:
@@ -292,6 +310,13 @@ def _read_checked(fh, info: dict, path: str) -> dict[str, torch.Tensor]:
         if expected is not None and _digest(packed) != expected:
             raise ValueError(f"{path}: mask {name!r} fails its checksum: the file is damaged; re-save the masks.")
         masks[name] = unpack_bits(packed, tuple(shape))
+        recorded = tensors[name].get("sparsity")
+        actual = 1.0 - float(masks[name].sum()) / max(masks[name].numel(), 1)
+        if recorded is not None and abs(float(recorded) - actual) > 1e-7:
+            raise ValueError(
+                f"{path}: mask {name!r} keeps {1 - actual:.6f} of its weights but its header says {1 - recorded:.6f}: "
+                "the file was altered; re-save the masks."
+            )
     return masks
 
 

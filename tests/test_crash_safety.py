@@ -173,3 +173,33 @@ def test_offline_pickles_are_hash_checked(tmp_path):
     fake.write_bytes(b"something else")
     with pytest.raises(ValueError, match="not the file hf_tickets knows"):
         _verified(fake, MNIST_PICKLE_SHA256, "MNIST")
+
+
+def test_every_single_bit_flip_in_a_masks_file_is_refused(tmp_path):
+    """One bit flipped in each byte of a saved masks file (header, metadata, checksums, packed bits): every load
+    fails with a ValueError; none returns other masks."""
+    import random
+
+    from hf_tickets import MaskSet
+
+    g = torch.Generator().manual_seed(0)
+    masks = MaskSet(
+        {"a.weight": torch.rand(6, 10, generator=g) < 0.4, "b.weight": torch.rand(3, 6, generator=g) < 0.7},
+        {"method": "imp", "level": 2},
+    )
+    path = masks.save(tmp_path / "good")
+    data = Path(path).read_bytes()
+    assert MaskSet.load(path) == masks
+    rng = random.Random(0)
+    accepted = []
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << rng.randrange(8)
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(bytes(flipped))
+        try:
+            MaskSet.load(bad)
+        except ValueError:
+            continue
+        accepted.append(i)
+    assert not accepted, f"{len(accepted)} of {len(data)} flipped files loaded (bytes {accepted[:10]})"
