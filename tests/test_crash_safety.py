@@ -45,6 +45,7 @@ def _same_levels(out, ref) -> None:
             json.loads((out / level / "metrics.json").read_text()),
             json.loads((ref / level / "metrics.json").read_text()),
         )
+        a.pop("produced_by"), b.pop("produced_by")  # the command line (the CLI here, pytest for the reference)
         assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
         wa, wb = load_file(out / level / "model.safetensors"), load_file(ref / level / "model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa), level
@@ -203,3 +204,38 @@ def test_every_single_bit_flip_in_a_masks_file_is_refused(tmp_path):
             continue
         accepted.append(i)
     assert not accepted, f"{len(accepted)} of {len(data)} flipped files loaded (bytes {accepted[:10]})"
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "rewind", "publish"])
+def test_a_full_disk_mid_run_then_a_restart_gives_the_uninterrupted_result(tmp_path, reference, monkeypatch, where):
+    """ENOSPC raised while a checkpoint, the rewind point or a level folder is written: the CLI says so in one line
+    (exit 1), and once there is space again the same command ends with the uninterrupted run's levels."""
+    import errno
+
+    from hf_tickets.cli import main
+    from hf_tickets.lottery import rewind
+    from hf_tickets.trainer import TicketTrainer as Trainer
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":
+        real, calls = Trainer._save, {"n": 0}
+
+        def save(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                disk_full()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Trainer, "_save", save)
+    elif where == "rewind":
+        monkeypatch.setattr(rewind.shutil, "copytree", disk_full)
+    else:
+        monkeypatch.setattr(layout, "write_json_atomic", disk_full)
+    out = tmp_path / "run"
+    argv = ["run", QUICKSTART, f"training.output_dir={out}", *SHRINK]
+    assert main(argv) == 1
+    monkeypatch.undo()
+    assert main(argv) == 0
+    _same_levels(out, reference)
