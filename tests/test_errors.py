@@ -251,9 +251,16 @@ def test_damaged_masks_header(masks_file, tmp_path):
     info = json.loads(header["hf_tickets_masks"])
     first = next(iter(info["tensors"]))
     info["tensors"][first]["shape"] = [1000, 1000]  # more entries than the packed bits hold
-    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=dict(header, hf_tickets_masks=json.dumps(info)))
-    with pytest.raises(ValueError, match="fewer"):
+    altered = dict(header, hf_tickets_masks=json.dumps(info))
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=altered)
+    with pytest.raises(ValueError, match="header fails its checksum"):
         load_masks(tmp_path / "b.safetensors")
+    from hf_tickets.masks import HEADER_SHA_KEY, _header_digest
+
+    altered[HEADER_SHA_KEY] = _header_digest(altered)  # re-signed: the size check still refuses it
+    save_file(tensors, str(tmp_path / "c.safetensors"), metadata=altered)
+    with pytest.raises(ValueError, match="fewer"):
+        load_masks(tmp_path / "c.safetensors")
 
 
 def test_missing_masks_path(tmp_path):
