@@ -25,6 +25,7 @@ from .files import (
     CARD_NAME,
     CHURN_PLOT,
     METRICS_NAME,
+    MODEL_CONFIG_NAME,
     SPARSITY_PLOT,
     atomic_write,
     read_json,
@@ -103,8 +104,8 @@ def model_facts(model: Optional[nn.Module], folder: Optional[str] = None) -> dic
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or ""
         if base and not os.path.exists(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", base):
             facts["base"] = base
-    elif folder is not None and os.path.isfile(os.path.join(folder, "config.json")):
-        arch = (read_json(os.path.join(folder, "config.json")).get("architectures") or [None])[0]
+    elif folder is not None and os.path.isfile(os.path.join(folder, MODEL_CONFIG_NAME)):
+        arch = (read_json(os.path.join(folder, MODEL_CONFIG_NAME)).get("architectures") or [None])[0]
         facts["params"] = _count_params(folder)
     if arch:
         facts["class"] = arch

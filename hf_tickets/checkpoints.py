@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .files import MODEL_CONFIG_NAME, WEIGHTS_NAME
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,16 +52,14 @@ def load_saved_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Ten
     nothing for those tensors; transformers 5.24's own `Trainer._load_from_checkpoint` does exactly that. Such
     folders are read through `from_pretrained`, which maps the names back.
     """
-    folder, file = (
-        (path, os.path.join(path, "model.safetensors")) if os.path.isdir(path) else (os.path.dirname(path), path)
-    )
+    folder, file = (path, os.path.join(path, WEIGHTS_NAME)) if os.path.isdir(path) else (os.path.dirname(path), path)
     raw = load_file(file)
     own = set(model.state_dict())
     if set(raw) <= own:
         return raw
     from transformers import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel) and os.path.isfile(os.path.join(folder, "config.json")):
+    if isinstance(model, PreTrainedModel) and os.path.isfile(os.path.join(folder, MODEL_CONFIG_NAME)):
         loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
         return {name: tensor.detach() for name, tensor in loaded.state_dict().items()}
     unknown = sorted(set(raw) - own)

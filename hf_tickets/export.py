@@ -179,8 +179,9 @@ def sparse_inference(
             why = "no CUDA GPU" if not torch.cuda.is_available() else f"the model is on {device}, not a CUDA GPU"
             message = f"sparse_inference did nothing: {why}; 2:4 kernels (cuSPARSELt) need one. The model stays dense."
             logger.warning(message)
-            return InferenceReport(device=str(device), dtype=str(dtype).replace("torch.", ""), message=message,
-                                   min_speedup=min_speedup)
+            return InferenceReport(
+                device=str(device), dtype=str(dtype).replace("torch.", ""), message=message, min_speedup=min_speedup
+            )
         timer = cuda_event_timer()
         name = torch.cuda.get_device_name(device)
     else:

@@ -30,6 +30,7 @@ SPARSITY_REPORT_NAME = "sparsity_report.json"
 SPARSITY_CONFIG_NAME = "sparsity_config.json"
 STATE_TENSORS_NAME = "sparsity_state.safetensors"
 METRICS_NAME = "metrics.json"
+TRAINING_ARGS_NAME = "training_args.json"  # TrainingArguments as JSON (Trainer's training_args.bin is a pickle)
 CARD_NAME = "README.md"
 # plots a card shows, written next to it
 SPARSITY_PLOT = "sparsity_per_layer.png"

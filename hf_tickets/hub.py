@@ -23,7 +23,7 @@ import torch
 
 from .cards import REPO_PLACEHOLDER, card_tags, model_facts, set_section
 from .config import SparsityConfig
-from .files import CARD_NAME, MASKS_NAME, SPARSITY_CONFIG_NAME, publishable, read_json, weight_files
+from .files import CARD_NAME, MASKS_NAME, METRICS_NAME, SPARSITY_CONFIG_NAME, publishable, read_json, weight_files
 from .masks import MaskSet
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def push_checkpoint(
 def _level_row(folder: str) -> dict[str, Any]:
     from .lottery.report import score
 
-    metrics = read_json(os.path.join(folder, "metrics.json"))
+    metrics = read_json(os.path.join(folder, METRICS_NAME))
     return {"remaining": metrics.get("remaining_weights_pct"), "accuracy": score(metrics)[0]}
 
 
@@ -268,7 +268,7 @@ def push_lottery_run(
     ticket = os.path.join(roots[0], TICKET_DIR)
     if not os.path.isdir(ticket):
         ticket = export_ticket(roots[0])
-    main_level = int(read_json(os.path.join(ticket, "metrics.json")).get("level", -1))
+    main_level = int(read_json(os.path.join(ticket, METRICS_NAME)).get("level", -1))
     main = push_checkpoint(
         ticket,
         repo_id,

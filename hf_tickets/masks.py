@@ -20,7 +20,6 @@ from .files import MASKS_NAME, SPARSITY_REPORT_NAME, atomic_write, resolve_file,
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = SPARSITY_REPORT_NAME  # kept for callers of earlier versions; the table of names is files.py
 HEADER_KEY = "hf_tickets_masks"
 HEADER_SHA_KEY = "hf_tickets_masks_sha256"  # sha256 of every other header entry: metadata cannot change unseen
 # Module types whose weights are masked when masks are derived from zeros: targets.DEFAULT_TARGET_TYPES (not importable

@@ -75,9 +75,7 @@ def _from_group_view(groups: torch.Tensor, like: torch.Tensor, dim: int) -> torc
     return groups.reshape(moved_shape).movedim(-1, dim).contiguous()
 
 
-def nm_mask(
-    score: torch.Tensor, n: int, m: int, dim: int, allowed: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def nm_mask(score: torch.Tensor, n: int, m: int, dim: int, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Keep the `n` highest scores of every group of `m` along `dim`. With `allowed`
     (a bool mask, e.g. an IMP ticket's), only allowed entries can be kept: a group with fewer than `n` allowed
     entries keeps just those, which still holds the pattern (at most `n` nonzeros per group)."""
@@ -160,8 +158,13 @@ class NMReport:
         return {name: row for name, row in self.tensors.items() if not row["ok"]}
 
     def to_dict(self) -> dict:
-        return {"pattern": self.pattern, "source": self.source, "ok": self.ok, "tensors": self.tensors,
-                "skipped": self.skipped}
+        return {
+            "pattern": self.pattern,
+            "source": self.source,
+            "ok": self.ok,
+            "tensors": self.tensors,
+            "skipped": self.skipped,
+        }
 
     def raise_if_invalid(self, what: str = "model") -> None:
         if not self.tensors:
@@ -216,8 +219,12 @@ def check_tensors(
             continue
         if w.shape[dim] % m:
             if masks is not None:
-                report.tensors[name] = {"shape": list(w.shape), "dim": dim, "ok": False,
-                                        "error": f"reduction size {w.shape[dim]} not divisible by {m}"}
+                report.tensors[name] = {
+                    "shape": list(w.shape),
+                    "dim": dim,
+                    "ok": False,
+                    "error": f"reduction size {w.shape[dim]} not divisible by {m}",
+                }
             else:
                 report.skipped[name] = f"reduction size {w.shape[dim]} not divisible by {m}"
             continue
@@ -266,9 +273,7 @@ def validate_nm(
             weights = params
         else:
             masks = None
-            candidates = [
-                n for n, p in params.items() if n.endswith("weight") and p.dim() >= 2
-            ]
+            candidates = [n for n, p in params.items() if n.endswith("weight") and p.dim() >= 2]
             dims = {k: v for k, v in nm_dims(model, candidates).items() if v is not None}
             weights = params
         what = type(model).__name__
@@ -294,11 +299,11 @@ def _load_folder_weights(folder: str) -> tuple[dict[str, torch.Tensor], Optional
 
     With a config.json, the model class it names is loaded with `from_pretrained` (so GPT-2's Conv1D is told apart
     from Linear, and renamed keys are mapped back); otherwise the raw safetensors keys are used, dims unknown."""
-    from .masks import MASKS_NAME
+    from .files import MASKS_NAME, MODEL_CONFIG_NAME, STATE_TENSORS_NAME
 
     if not os.path.isdir(folder):
         raise ValueError(f"{folder!r} is not a folder: pass a model or a folder written by save_pretrained.")
-    if os.path.isfile(os.path.join(folder, "config.json")):
+    if os.path.isfile(os.path.join(folder, MODEL_CONFIG_NAME)):
         try:
             model = _model_from_folder(folder)
         except Exception as err:  # an architecture transformers cannot build here: read the files as they are
@@ -309,8 +314,10 @@ def _load_folder_weights(folder: str) -> tuple[dict[str, torch.Tensor], Optional
     from safetensors.torch import load_file
 
     files = [
-        f for f in sorted(os.listdir(folder))
-        if f.endswith(".safetensors") and f not in (MASKS_NAME, "sparsity_state.safetensors")
+        f
+        for f in sorted(os.listdir(folder))
+        if f.endswith(".safetensors")
+        and f not in (MASKS_NAME, STATE_TENSORS_NAME)
         and not f.startswith(("optimizer", "scheduler", "adapter"))
     ]
     if not files:

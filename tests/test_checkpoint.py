@@ -14,7 +14,8 @@ from transformers import AutoModelForImageClassification, AutoModelForSequenceCl
 from hf_tickets import SparsityConfig, TicketTrainer, load_masks
 from hf_tickets.config import CONFIG_NAME
 from hf_tickets.enforce import count_violations
-from hf_tickets.masks import MASKS_NAME, REPORT_NAME
+from hf_tickets.files import SPARSITY_REPORT_NAME as REPORT_NAME
+from hf_tickets.masks import MASKS_NAME
 
 STOCK_LOADERS = {
     "bert": AutoModelForSequenceClassification.from_pretrained,

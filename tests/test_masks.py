@@ -14,7 +14,8 @@ from torch import nn
 
 from hf_tickets import MaskSet, SparsityConfig, __version__, apply_sparsity, load_masks
 from hf_tickets.enforce import MaskEnforcer, apply_masks_, count_violations
-from hf_tickets.masks import MASKS_NAME, REPORT_NAME, pack_bits, unpack_bits
+from hf_tickets.files import SPARSITY_REPORT_NAME as REPORT_NAME
+from hf_tickets.masks import MASKS_NAME, pack_bits, unpack_bits
 
 
 def _mlp_and_masks():

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..cards import write_model_card
 from ..checkpoints import load_saved_weights
+from ..files import TRAINING_ARGS_NAME, WEIGHTS_NAME
 from .arms import Arm, masked_copy_digest
 from .layout import PARTIAL_SUFFIX, publish_level, write_json_atomic
 from .lockstep import (
@@ -152,12 +153,12 @@ class LockstepBackend:
         else:
             from safetensors.torch import save_model
 
-            save_model(model, os.path.join(partial, "model.safetensors"))
+            save_model(model, os.path.join(partial, WEIGHTS_NAME))
         arm.masks.save(partial)
         self.config.save_pretrained(partial)
         evals = {f"eval_validation_{k}": v for k, v in (metrics.get("final_eval") or {}).items()}
         write_model_card(partial, masks=arm.masks, config=self.config, model=model, metrics=evals, chart=False)
-        write_json_atomic(os.path.join(partial, "training_args.json"), json.loads(self.args.to_json_string()))
+        write_json_atomic(os.path.join(partial, TRAINING_ARGS_NAME), json.loads(self.args.to_json_string()))
         publish_level(partial, arm.folder, metrics)
 
 

@@ -17,7 +17,7 @@ from .layout import (
     CONTROL_KINDS,
     EARLY_STOP_PLOT,
     METRICS_NAME,
-    REPORT_NAME,
+    RUN_REPORT_NAME,
     control_dir,
     replicate_roots,
     write_json_atomic,
@@ -79,7 +79,7 @@ def write_report(root: str, tolerance: float = 0.01) -> dict[str, Any]:
         "trunk": trunk,
         "controls": {kind: rows for kind, rows in controls.items() if rows},
     }
-    write_json_atomic(os.path.join(root, REPORT_NAME), report)
+    write_json_atomic(os.path.join(root, RUN_REPORT_NAME), report)
     if trunk:
         plot_report(report, root)
     return report
@@ -154,7 +154,7 @@ def write_run_report(output_dir: str, last_run: Optional[dict] = None, tolerance
         plot_aggregate(report, output_dir)
     if last_run is not None:
         report["last_run"] = last_run
-    write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
+    write_json_atomic(os.path.join(output_dir, RUN_REPORT_NAME), report)
     return report
 
 

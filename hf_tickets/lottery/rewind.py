@@ -21,15 +21,13 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME  # the checkpoint's own names
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import load_saved_weights
+from ..files import WEIGHTS_NAME
 
-OPTIMIZER_NAME = "optimizer.pt"
-SCHEDULER_NAME = "scheduler.pt"
-TRAINER_STATE_NAME = "trainer_state.json"
-WEIGHTS_NAME = "model.safetensors"
 # Per-parameter optimizer buffers the lockstep backend keeps (BatchedMaskedTraining.arm_state keys "<buffer>/<name>").
 BUFFERS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 

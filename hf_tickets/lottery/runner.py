@@ -26,6 +26,7 @@ from safetensors.torch import save_model
 
 from ..allocation import random_masks_like
 from ..checkpoints import load_saved_weights
+from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
 from .arms import Arm, masked_copy_digest
 from .identity import check_identity, run_identity, tensors_digest
@@ -291,7 +292,7 @@ class LotteryRunner:
         arm = Arm("trunk", r, level, level_dir(root, level), masks, seed=self.trainer.args.seed + r)
         arm.extra_metrics = self._common_metrics(r, masks)
         init_file, rewind_dir = init_weights_path(root), rewind_point_dir(root)
-        previous = os.path.join(level_dir(root, level - 1), "model.safetensors")
+        previous = os.path.join(level_dir(root, level - 1), WEIGHTS_NAME)
         if level == 0:
             arm.weights_file = init_file
             if cfg.rewind in ("step", "lr") and self.k > 0:
@@ -327,7 +328,7 @@ class LotteryRunner:
             trunk_dir=os.path.abspath(root),
             trunk_level=level,
             trunk_config_hash=self.config.hashname(),
-            trunk_masks=os.path.join(os.path.abspath(level_dir(root, level)), "masks.safetensors"),
+            trunk_masks=os.path.join(os.path.abspath(level_dir(root, level)), MASKS_NAME),
         )
         if kind == "reinit":
             arm.weights_file = reinit_weights_path(root)

@@ -26,6 +26,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
 from ..checkpoints import last_complete_checkpoint, load_saved_weights
+from ..files import TRAINING_ARGS_NAME
 from .arms import Arm, start_digest
 from .layout import LEVEL_START_NAME, PARTIAL_SUFFIX, publish_level, write_json_atomic
 from .metrics import level_metrics, rows_from_log_history
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from .trainer_protocol import LotteryTrainer
 
 logger = logging.getLogger(__name__)
-
 
 
 class LevelStartCallback(TrainerCallback):
@@ -170,9 +170,7 @@ class TrainerBackend:
                 metrics["last_learning_rate"] = last_lr
             metrics.update(arm.extra_metrics, backend=self.name)
             if trainer.args.should_save:  # one process writes (DDP/FSDP: every rank trained the same level)
-                write_json_atomic(
-                    os.path.join(partial, "training_args.json"), json.loads(trainer.args.to_json_string())
-                )
+                write_json_atomic(os.path.join(partial, TRAINING_ARGS_NAME), json.loads(trainer.args.to_json_string()))
                 publish_level(partial, arm.folder, metrics)
             trainer.accelerator.wait_for_everyone()
             return metrics

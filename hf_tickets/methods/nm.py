@@ -159,8 +159,15 @@ class NMSparsity(SparsityMethod):
             with torch.no_grad():  # from now on the model holds the projection (evaluate / save before train too)
                 for name, p in targets.items():
                     p.masked_fill_(~masks[name], 0)
-        return MaskSet(masks, self.mask_metadata(nm_dims=self._dims, update_interval=cfg.update_interval,
-                                                 sr_decay=cfg.sr_decay, base_masks=cfg.base_masks))
+        return MaskSet(
+            masks,
+            self.mask_metadata(
+                nm_dims=self._dims,
+                update_interval=cfg.update_interval,
+                sr_decay=cfg.sr_decay,
+                base_masks=cfg.base_masks,
+            ),
+        )
 
     def _select(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         n, m = self.config.nm
