@@ -198,3 +198,23 @@ def test_saved_vit_weights_load_by_the_models_own_names(tmp_path):
         assert torch.equal(weights[name], tensor), name
     with pytest.raises(ValueError, match="does not have"):
         load_saved_weights(str(tmp_path / "model.safetensors"), torch.nn.Linear(2, 2))
+
+
+def test_progress_lines_say_level_arm_accuracy_and_what_is_left(tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="hf_tickets.lottery.runner"):
+        run_experiment(_trainer(out), controls=("reinit",))
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_tickets.lottery.runner"]
+    progress = [line for line in lines if "arm-levels" in line]
+    assert len(progress) == 5  # trunk at levels 0-2, reinit at 1-2
+    assert progress[0].startswith("level 0/2 trunk[0]: accuracy ") and "(1/5 arm-levels;" in progress[0]
+    assert progress[-1].startswith("level 2/2 reinit[0]: accuracy ") and "(5/5 arm-levels;" in progress[-1]
+    assert all("elapsed, about" in line and "left)" in line for line in progress)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_tickets.lottery.runner"):
+        run_experiment(_trainer(out), controls=("reinit",))
+    again = [r.getMessage() for r in caplog.records if r.name == "hf_tickets.lottery.runner"]
+    assert "level 0/2: 1 arm(s) reused from an earlier run with the same identity" in again
+    assert not [line for line in again if "arm-levels" in line]

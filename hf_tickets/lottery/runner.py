@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -199,6 +200,8 @@ class LotteryRunner:
         summary = RunSummary()
         masks = [self._level0_masks(r) for r in range(self.replicates)]
         top = self.config.num_levels() if train_trunk else max(wanted, default=0)
+        planned = self.replicates * ((top + 1 if train_trunk else 0) + len(controls) * len(wanted))
+        progress = Progress(planned, top)
         for level in range(top + 1):
             if level > 0:
                 masks = [self._masks_for(r, level, masks[r]) for r in range(self.replicates)]
@@ -214,11 +217,11 @@ class LotteryRunner:
             trainer.accelerator.wait_for_everyone()
             todo = [arm for arm in arms if not is_complete(arm.folder)]
             summary.reused += [arm.name for arm in arms if arm not in todo]
-            for arm in todo:
-                logger.info("training %s", arm.name)
+            progress.reused(len(arms) - len(todo), level)
             results = self.backend.train(todo)
             summary.trained += [arm.name for arm in todo]
             for arm, metrics in zip(todo, results):
+                progress.trained(arm, metrics)
                 if arm.kind == "trunk" and arm.replicate == 0:
                     summary.last_trunk_metrics = metrics
         if writer:
@@ -387,6 +390,51 @@ class LotteryRunner:
         weights = load_saved_weights(folder, self.trainer.model)
         load_weights_(self.trainer.model, {k: v.to(device) for k, v in weights.items()})
         self.trainer.set_masks(MaskSet.load(folder))
+
+
+class Progress:
+    """One log line per finished arm-level: which level of how many, which arm, its accuracy, the time so far and
+    an estimate of what is left (from the arm-levels trained in this call; reused ones cost nothing)."""
+
+    def __init__(self, planned: int, levels: int) -> None:
+        self.planned, self.levels = planned, levels
+        self.done = self.trained_here = 0
+        self.started = time.monotonic()
+
+    def reused(self, count: int, level: int) -> None:
+        if count:
+            self.done += count
+            logger.info(
+                "level %d/%d: %d arm(s) reused from an earlier run with the same identity", level, self.levels, count
+            )
+
+    def trained(self, arm: Arm, metrics: dict) -> None:
+        from .report import score
+
+        self.done += 1
+        self.trained_here += 1
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.trained_here * (self.planned - self.done)
+        accuracy = score(metrics)[0]
+        logger.info(
+            "level %d/%d %s[%d]: accuracy %s, %.2f%% of weights left (%d/%d arm-levels; %s elapsed, about %s left)",
+            arm.level,
+            self.levels,
+            arm.kind,
+            arm.replicate,
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            metrics.get("remaining_weights_pct", 100.0),
+            self.done,
+            self.planned,
+            _duration(elapsed),
+            _duration(left),
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
