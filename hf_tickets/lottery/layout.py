@@ -25,7 +25,10 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..files import METRICS_NAME  # a checkpoint folder's file: the one table of those is files.py
+from ..files import (
+    METRICS_NAME,  # a checkpoint folder's file: the one table of those is files.py
+    write_json_atomic,  # noqa: F401 (the lottery writes JSON through the one atomic writer)
+)
 
 CONTROL_KINDS = ("reinit", "random_prune")
 ARM_KINDS = ("trunk", *CONTROL_KINDS)
@@ -112,13 +115,6 @@ def trunk_levels(trunk_dir: str) -> list[int]:
 def read_metrics(folder: str) -> dict[str, Any]:
     with open(os.path.join(folder, METRICS_NAME), encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def publish_level(partial: str, final_dir: str, metrics: dict) -> None:

@@ -70,7 +70,7 @@ class TrainPlan:
 
 def plan_from_training_args(args, model: nn.Module, num_train_examples: int, decay_names=None) -> TrainPlan:
     """The `TrainPlan` that matches what `Trainer.train` would do with `args`, or a ValueError naming the field."""
-    from transformers import Trainer, get_scheduler
+    from transformers import Trainer
 
     # The optimizer Trainer would build (class and arguments, optim_args parsed by Trainer itself).
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -117,13 +117,7 @@ def plan_from_training_args(args, model: nn.Module, num_train_examples: int, dec
     eps = float(optimizer_kwargs.get("eps", args.adam_epsilon))
     # The learning rate of each step, from the Trainer's own scheduler on a stand-in optimizer.
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=stand_in,
-        num_warmup_steps=args.get_warmup_steps(total),
-        num_training_steps=total,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-    )
+    scheduler = trainer_scheduler(args, stand_in, total)
     lrs = []
     for _ in range(total):
         lrs.append(float(stand_in.param_groups[0]["lr"]))
@@ -152,6 +146,19 @@ def plan_from_training_args(args, model: nn.Module, num_train_examples: int, dec
         seed=int(args.seed),
         decay_names=set(decay_names) if decay_names is not None else None,
         eval_batch_size=int(args.per_device_eval_batch_size),
+    )
+
+
+def trainer_scheduler(args, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The LR scheduler `Trainer` builds for `args` over `total_steps`, on `optimizer`."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
     )
 
 

@@ -20,13 +20,14 @@ from typing import Optional
 import torch
 from safetensors.torch import save_model
 from torch import nn
-from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME  # the checkpoint's own names
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import load_saved_weights
 from ..files import WEIGHTS_NAME
+from .lockstep import trainer_scheduler
 
 # Per-parameter optimizer buffers the lockstep backend keeps (BatchedMaskedTraining.arm_state keys "<buffer>/<name>").
 BUFFERS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -69,13 +70,7 @@ def save_rewind_point(
     ]
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer = optimizer_cls(groups, **optimizer_kwargs)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.get_warmup_steps(total_steps),
-        num_training_steps=total_steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-    )
+    scheduler = trainer_scheduler(args, optimizer, total_steps)
     for _ in range(step):  # no gradients: optimizer.step() changes nothing, the schedule advances to step k
         optimizer.step()
         scheduler.step()

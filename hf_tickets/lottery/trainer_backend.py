@@ -26,7 +26,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
 from ..checkpoints import last_complete_checkpoint, load_saved_weights
-from ..files import TRAINING_ARGS_NAME
+from ..files import TRAINING_ARGS_NAME, read_json
 from .arms import Arm, start_digest
 from .layout import LEVEL_START_NAME, PARTIAL_SUFFIX, publish_level, write_json_atomic
 from .metrics import level_metrics, rows_from_log_history
@@ -160,7 +160,7 @@ class TrainerBackend:
                 trainer.train_once(resume_from_checkpoint=resume, restore_masks=False)  # masks: this arm's
                 last_lr = float(trainer.lr_scheduler.get_last_lr()[0]) if trainer.lr_scheduler is not None else None
             trainer.save_model(partial)
-            start = _read_json(os.path.join(partial, LEVEL_START_NAME))
+            start = read_json(os.path.join(partial, LEVEL_START_NAME))
             entries = trainer.state.log_history[start["inherited_log_entries"] :]
             history = rows_from_log_history(entries, trainer.eval_dataset)
             steps = trainer.state.global_step
@@ -218,8 +218,3 @@ class TrainerBackend:
 
 def _step_of(checkpoint: str) -> int:
     return int(os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[1])
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
