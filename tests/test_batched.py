@@ -231,8 +231,11 @@ def test_factory_lr_tensor_and_custom_loss():
 
 def test_errors_name_the_problem():
     models = _models("lenet_300_100", SMALL_MLP, [0, 1])
-    with pytest.raises(NotImplementedError, match="BatchNorm"):
-        BatchedMaskedTraining([make_cnn(0), make_cnn(1)], [None, None])
+    cumulative = [make_cnn(0), make_cnn(1)]  # BatchNorm trains in lockstep, except a cumulative average
+    for model in cumulative:
+        model.norm.momentum = None
+    with pytest.raises(NotImplementedError, match="BatchNorm2d with momentum=None"):
+        BatchedMaskedTraining(cumulative, [None, None])
     with pytest.raises(ValueError, match="one architecture"):
         BatchedMaskedTraining(
             [models[0], build_model("lenet_300_100", hidden_sizes=[16, 16], image_size=8)], [None] * 2

@@ -26,9 +26,18 @@ The update rules are those of `torch.optim.SGD` (dampening 0) and `torch.optim.A
 and bias corrections on the device: `tests/test_batched.py` checks that K networks trained together end with the same
 weights as each trained alone with `torch.optim` and `MaskSet` enforcement.
 
-Limits: one floating dtype for all trained parameters; modules whose forward writes buffers in place
-(BatchNorm's running statistics) are refused with `NotImplementedError`; other buffers are passed stacked and
-read-only. Dropout draws different randomness per network (`randomness="different"`).
+Normalization layers with running statistics (BatchNorm, InstanceNorm with `track_running_stats=True`): their
+`running_mean`, `running_var` and `num_batches_tracked` are stacked `[K, ...]` like the parameters and passed to
+`functional_call` with the batch dimension of `vmap`, so in training mode each network normalizes with its own batch
+statistics and its forward updates its own running statistics in place (the batching rule of `batch_norm` writes
+through to the stacked buffer), exactly as the module would; in eval mode each network normalizes with its own
+running statistics. These buffers are network state like the weights: `arm_state` / `load_arm_state` carry them
+(keys `weights/<buffer name>`), `mutable_tensors` lists them (a CUDA graph's warm-up steps are undone on them too),
+and `state_dict(i)` returns them. `tests/test_bn_lockstep.py` checks them against `Trainer`.
+
+Limits: one floating dtype for all trained parameters; BatchNorm with `momentum=None` (a cumulative average, whose
+factor `1 / num_batches_tracked` is read back to the host every step) is refused with `NotImplementedError`; other
+buffers are passed stacked and read-only. Dropout draws different randomness per network (`randomness="different"`).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..enforce import zero_pruned_flat_
 
-__all__ = ["OPTIMIZERS", "BatchedMaskedTraining", "cross_entropy", "logits_of"]
+__all__ = ["OPTIMIZERS", "BatchedMaskedTraining", "cross_entropy", "logits_of", "running_stat_names"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -198,11 +207,13 @@ class BatchedMaskedTraining:
             for name, (a, b) in zip(trained, self._blocks):
                 if name in decay:
                     self._decay[a:b] = 1.0
-        # Frozen parameters and buffers are passed to every call, stacked, and never written.
+        # Frozen parameters and buffers are passed to every call, stacked; only the running statistics of
+        # normalization layers are written (in place, by the forward in training mode).
         self._consts: dict[str, torch.Tensor] = {
             n: stacked_params[n].detach().to(self.device) for n in named if n not in self.params
         }
         self._consts.update({n: b.to(self.device) for n, b in stacked_buffers.items()})
+        self._running = [n for n in running_stat_names(first) if n in self._consts]
         with torch.no_grad():
             zero_pruned_flat_([self._flat], self._pruned)
 
@@ -382,7 +393,9 @@ class BatchedMaskedTraining:
         """Network i's trained weights and optimizer buffers, copied: keys `<buffer>/<parameter name>`.
 
         Buffers are `weights`, plus `momentum_buffer` (SGD with momentum) or `exp_avg`/`exp_avg_sq` (Adam); the
-        shared step count is `step_count`.
+        shared step count is `step_count`. The running statistics of normalization layers are model state that a
+        step changes, so they come as `weights/<buffer name>` (a rewind point or an arm joining a later phase needs
+        them as much as the weights).
         """
         if not -self.num_models <= i < self.num_models:
             raise IndexError(f"network {i} does not exist: there are {self.num_models}.")
@@ -391,12 +404,14 @@ class BatchedMaskedTraining:
         for kind, flat in self._state_buffers().items():
             for name, shape, (a, b) in zip(self._names, self._shapes, self._blocks):
                 out[f"{kind}/{name}"] = flat[a:b].view(k, *shape)[i].detach().clone()
+        for name in self._running:
+            out[f"weights/{name}"] = self._consts[name][i].clone()
         return out
 
     @torch.no_grad()
     def load_arm_state(self, i: int, state: Mapping[str, torch.Tensor]) -> None:
-        """Set network i's weights and optimizer buffers from `arm_state`-style keys; missing buffers stay as they
-        are (zero for a fresh optimizer). Pruned entries are zeroed again afterwards."""
+        """Set network i's weights, running statistics and optimizer buffers from `arm_state`-style keys; missing
+        ones stay as they are (zero for a fresh optimizer). Pruned entries are zeroed again afterwards."""
         k = self.num_models
         buffers = self._state_buffers()
         unknown = [key for key in state if key.split("/", 1)[0] not in buffers]
@@ -409,6 +424,10 @@ class BatchedMaskedTraining:
                 value = state.get(f"{kind}/{name}")
                 if value is not None:
                     flat[a:b].view(k, *shape)[i].copy_(value.to(self.device, self.dtype))
+        for name in self._running:
+            value = state.get(f"weights/{name}")
+            if value is not None:  # keeps the buffer's own dtype (num_batches_tracked is an integer count)
+                self._consts[name][i].copy_(value.to(self.device))
         zero_pruned_flat_([self._flat], self._pruned)
         for kind in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
             if kind in buffers:
@@ -424,9 +443,9 @@ class BatchedMaskedTraining:
             self._step.fill_(int(step))
 
     def mutable_tensors(self) -> list[torch.Tensor]:
-        """Every tensor a step writes (weights, optimizer state, step count, lr): to snapshot and restore, e.g.
-        around the warm-up steps a CUDA-graph capture needs."""
-        out = list(self._state_buffers().values()) + [self._lr]
+        """Every tensor a step writes (weights, running statistics, optimizer state, step count, lr): to snapshot
+        and restore, e.g. around the warm-up steps a CUDA-graph capture needs."""
+        out = list(self._state_buffers().values()) + [self._consts[n] for n in self._running] + [self._lr]
         if self.optimizer in ("adam", "adamw"):
             out.append(self._step)
         return out
@@ -460,15 +479,31 @@ class BatchedMaskedTraining:
         return (kept.double() / total).tolist()
 
 
+def running_stat_names(model: nn.Module) -> list[str]:
+    """The buffers a training-mode forward writes: running statistics of BatchNorm/InstanceNorm layers."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(module, buffer, None) is not None:
+                    names.append(f"{prefix}.{buffer}" if prefix else buffer)
+    return names
+
+
 def _check_architecture(models: Sequence[nn.Module]) -> None:
-    """Same parameter/buffer names and shapes in every model; no in-place buffer writers (BatchNorm)."""
+    """Same parameter/buffer names and shapes in every model; running statistics the step can keep on the device."""
     for model in models:
         for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.track_running_stats
+                and module.momentum is None
+            ):
                 raise NotImplementedError(
-                    f"{type(model).__name__}.{name} is a {type(module).__name__}, whose forward updates its running "
-                    "statistics in place; BatchedMaskedTraining passes buffers stacked and read-only, so it cannot "
-                    "train it. Train BatchNorm models one at a time with TicketTrainer."
+                    f"{type(model).__name__}.{name} is a {type(module).__name__} with momentum=None (a cumulative "
+                    "average): its update factor 1 / num_batches_tracked is read back to the host every step, which "
+                    "batched training (and a CUDA graph) cannot do. Give it a momentum (0.1 is PyTorch's default) or "
+                    "train it one network at a time with TicketTrainer (backend='trainer')."
                 )
 
     def signature(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:

@@ -1,0 +1,254 @@
+"""BatchNorm in the lockstep backend: per-arm running statistics, checked against `TicketTrainer` on the same batches.
+
+A tiny CIFAR ResNet (depth 8, width 4, BatchNorm after every conv, projection shortcuts) on scikit-learn's digits.
+The reference is `TicketTrainer` itself, with its sampler's batch order recorded and replayed through the lockstep
+engine, so both train on exactly the same batches: every weight AND every running statistic (running_mean,
+running_var, num_batches_tracked) must agree to float32 tolerance, per arm, with two arms of different masks trained
+in one pass. The rest: late-joining arms and rewind points carry the running statistics, the CUDA-graph warm-up is
+undone on them, and a lockstep level's saved checkpoint holds the same tensors a Trainer-backend level holds.
+CPU; the whole file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import training_args
+from safetensors.torch import load_file
+
+from hf_tickets import MaskSet, SparsityConfig, TicketTrainer
+from hf_tickets.allocation import random_masks_like
+from hf_tickets.data import TensorImageDataset, load_splits
+from hf_tickets.lottery import LotteryRunner
+from hf_tickets.lottery.batched import BatchedMaskedTraining, running_stat_names
+from hf_tickets.lottery.layout import REWIND_DIR, control_dir, level_dir
+from hf_tickets.lottery.lockstep import ArmStart, SplitTensors, batch_tables, plan_from_training_args, train_lockstep
+from hf_tickets.lottery.rewind import load_rewind_point
+from hf_tickets.models import CifarResNetConfig, CifarResNetForImageClassification
+from hf_tickets.recipes import accuracy
+
+TINY_RESNET = {"depth": 8, "width": 4, "image_size": 8, "num_channels": 1, "num_labels": 10}
+RTOL, ATOL = 1e-5, 1e-5
+STEPS = 25
+
+
+def _resnet(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return CifarResNetForImageClassification(CifarResNetConfig(**TINY_RESNET))
+
+
+def _conv_masks(model: torch.nn.Module, density: float, seed: int) -> MaskSet:
+    """Random masks on every conv and the classifier weight (BatchNorm and biases dense)."""
+    g = torch.Generator().manual_seed(seed)
+    return MaskSet(
+        {
+            n: torch.rand(p.shape, generator=g) < density
+            for n, p in model.named_parameters()
+            if n.endswith("weight") and p.dim() > 1
+        }
+    )
+
+
+def _close(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), f"{what}: keys differ {sorted(set(got) ^ set(want))[:5]}"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_splits("sklearn/digits", seed=0)
+
+
+class _RecordingDataset(TensorImageDataset):
+    """Records the batch indices Trainer's sampler hands out, so the lockstep engine can replay them."""
+
+    def __init__(self, pixel_values, labels):
+        super().__init__(pixel_values, labels)
+        self.batches: list[list[int]] = []
+
+    def __getitems__(self, indices):
+        self.batches.append([int(i) for i in indices])
+        return super().__getitems__(indices)
+
+
+def test_running_stat_names_and_momentum_none_is_refused():
+    model = _resnet(0)
+    names = running_stat_names(model)
+    assert "bn.running_mean" in names and "blocks.1.shortcut.1.num_batches_tracked" in names
+    assert len(names) == 3 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    cumulative = _resnet(0)
+    cumulative.bn.momentum = None
+    with pytest.raises(NotImplementedError, match="momentum=None"):
+        BatchedMaskedTraining([cumulative, _resnet(1)], [None, None])
+
+
+def test_two_masked_arms_in_one_pass_equal_two_ticket_trainer_runs(tmp_path, digits):
+    """Same batches: each arm ends with its TicketTrainer run's weights and running statistics, and evaluates with
+    its own running statistics (eval loss and accuracy as the trained model computes them in eval mode)."""
+    theta0 = _resnet(0).state_dict()
+    masks = [_conv_masks(_resnet(0), 0.5, seed=1), _conv_masks(_resnet(0), 0.3, seed=2)]
+    trained, tables = [], []
+    for i, mask in enumerate(masks):
+        train = _RecordingDataset(digits["train"].pixel_values, digits["train"].labels)
+        model = _resnet(0)
+        args = training_args(
+            str(tmp_path / f"arm{i}"),
+            max_steps=STEPS,
+            per_device_train_batch_size=32,
+            optim="sgd",
+            optim_args="momentum=0.9",
+            learning_rate=0.05,
+            lr_scheduler_type="cosine",
+            weight_decay=1e-4,
+            max_grad_norm=1.0,
+            dataloader_drop_last=True,
+        )
+        trainer = TicketTrainer(
+            model=model, args=args, train_dataset=train, data_collator=TensorImageDataset.collate, masks=mask
+        )
+        trainer.train()
+        trained.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        tables.append(torch.tensor(train.batches[:STEPS]))
+        plan = plan_from_training_args(args, model, len(train), set(trainer.get_decay_parameter_names(model)))
+    assert torch.equal(tables[0], tables[1]), "both Trainer runs must see one batch order (same seed)"
+    assert plan.optimizer == "sgd" and plan.momentum == 0.9 and plan.total_steps == STEPS
+
+    val = digits["validation"]
+    evals = {"validation": SplitTensors(val.pixel_values, val.labels)}
+    train_split = SplitTensors(digits["train"].pixel_values, digits["train"].labels)
+    arms = [ArmStart(theta0, dict(mask)) for mask in masks]
+    results = train_lockstep(_resnet(0), arms, plan, train_split, evals, tables[0].unsqueeze(0))
+
+    for i, (result, want) in enumerate(zip(results, trained)):
+        _close(result.weights, want, f"arm {i}")
+        assert int(result.weights["bn.num_batches_tracked"]) == STEPS
+        assert not torch.allclose(result.weights["bn.running_var"], theta0["bn.running_var"]), "stats never moved"
+        # eval mode: the arm's own running statistics, as the Trainer-trained model in eval mode computes
+        model = _resnet(0)
+        model.load_state_dict(want)
+        model.eval()
+        with torch.no_grad():
+            logits = model(val.pixel_values).logits
+        final = result.history[-1]["validation"]
+        assert final["loss"] == pytest.approx(float(F.cross_entropy(logits, val.labels)), rel=1e-4)
+        assert final["accuracy"] == pytest.approx(float((logits.argmax(-1) == val.labels).double().mean()))
+    gap = (results[0].weights["bn.running_mean"] - results[1].weights["bn.running_mean"]).abs().max()
+    assert gap > 1e-4, "the two arms share running statistics"
+
+
+def _plan_and_data(digits, tmp_path, optim="sgd"):
+    args = training_args(
+        str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=32,
+        optim=optim,
+        optim_args="momentum=0.9" if optim == "sgd" else None,
+        learning_rate=0.05 if optim == "sgd" else 1e-3,
+        eval_strategy="steps",
+        eval_steps=10,
+    )
+    plan = plan_from_training_args(args, _resnet(0), len(digits["train"]), None)
+    train = SplitTensors(digits["train"].pixel_values, digits["train"].labels)
+    evals = {"validation": SplitTensors(digits["validation"].pixel_values, digits["validation"].labels)}
+    return plan, train, evals
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+def test_rewind_snapshot_and_late_arm_carry_running_statistics(tmp_path, digits, optim):
+    k = 10
+    plan, train, evals = _plan_and_data(digits, tmp_path, optim)
+    tables = batch_tables(plan, len(train.y), 1, "cpu")
+    theta0 = _resnet(0).state_dict()
+    mask = dict(_conv_masks(_resnet(0), 0.5, seed=1))
+    (full,) = train_lockstep(_resnet(0), [ArmStart(theta0, mask)], plan, train, evals, tables, snapshot_step=k)
+    assert int(full.snapshot["weights/bn.num_batches_tracked"]) == k
+    assert full.snapshot["weights/bn.num_batches_tracked"].dtype == torch.int64
+    weights, state = dict(theta0), {}
+    for key, value in full.snapshot.items():
+        kind, _, name = key.partition("/")
+        if kind == "weights":
+            weights[name] = value
+        else:
+            state[key] = value
+    late = ArmStart(weights, mask, start_step=k, optimizer_state=state)
+    (resumed,) = train_lockstep(_resnet(0), [late], plan, train, evals, tables)
+    _close(resumed.weights, full.weights, "resumed at the rewind point")
+
+    # A step-0 arm and the late arm in one pass: the pass rebuilds its engine at step k and carries the first arm's
+    # running statistics into it.
+    other = ArmStart(_resnet(1).state_dict(), dict(random_masks_like(mask, seed=3)))
+    (alone,) = train_lockstep(_resnet(0), [other], plan, train, evals, tables)
+    together = train_lockstep(_resnet(0), [other, late], plan, train, evals, tables)
+    _close(together[0].weights, alone.weights, "step-0 arm carried across the join")
+    _close(together[1].weights, resumed.weights, "late arm beside a step-0 arm")
+    assert int(together[0].weights["bn.num_batches_tracked"]) == 30
+
+
+def test_mutable_tensors_restore_running_statistics(digits):
+    """What a CUDA-graph capture does around its warm-up steps: snapshot, step, restore -> the stats are back."""
+    models = [_resnet(0), _resnet(1)]
+    batched = BatchedMaskedTraining(models, [None, None], optimizer="sgd", lr=0.05, momentum=0.9)
+    x, y = digits["train"].pixel_values[:32], digits["train"].labels[:32]
+    saved = [t.clone() for t in batched.mutable_tensors()]
+    before = batched.state_dict(1)
+    batched.step(x, y)
+    assert not torch.equal(batched.state_dict(1)["bn.running_mean"], before["bn.running_mean"])
+    with torch.no_grad():
+        for target, value in zip(batched.mutable_tensors(), saved):
+            target.copy_(value)
+    for name, value in batched.state_dict(1).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_lockstep_level_saves_the_running_statistics_the_trainer_backend_saves(tmp_path, digits):
+    """A lockstep IMP run of the tiny ResNet: every arm's model.safetensors has the Trainer backend's keys, its own
+    running statistics, and the rewind point holds those of step k."""
+    folders = {}
+    for backend in ("lockstep", "trainer"):
+        out = tmp_path / backend
+        trainer = TicketTrainer(
+            model=_resnet(0),
+            args=training_args(
+                str(out),
+                max_steps=20,
+                per_device_train_batch_size=32,
+                per_device_eval_batch_size=512,
+                optim="sgd",
+                optim_args="momentum=0.9",
+                learning_rate=0.05,
+                eval_strategy="steps",
+                eval_steps=10,
+            ),
+            train_dataset=digits["train"],
+            eval_dataset={"validation": digits["validation"], "test": digits["test"]},
+            data_collator=TensorImageDataset.collate,
+            compute_metrics=accuracy,
+            sparsity_config=SparsityConfig(method="imp", levels=1, prune_fraction=0.2, rewind="step", rewind_step=5),
+        )
+        LotteryRunner(trainer, backend).run(controls=("reinit",))
+        folders[backend] = out
+    trunk, reference_trunk = str(folders["lockstep"]), str(folders["trainer"])
+    level1 = [level_dir(trunk, 1), level_dir(control_dir(trunk, "reinit"), 1)]
+    saved = [load_file(os.path.join(f, "model.safetensors")) for f in level1]
+    references = [
+        load_file(os.path.join(f, "model.safetensors"))
+        for f in (level_dir(reference_trunk, 1), level_dir(control_dir(reference_trunk, "reinit"), 1))
+    ]
+    for state, reference in zip(saved, references):
+        assert set(state) == set(reference) and any(k.endswith("running_var") for k in reference)
+        for name, value in reference.items():
+            assert state[name].dtype == value.dtype, name
+            if name.endswith("num_batches_tracked"):  # the same count of training-mode forwards
+                assert torch.equal(state[name], value), name
+    # the trunk resumes from the rewind point (5 batches seen) for steps 5..20
+    assert int(saved[0]["bn.num_batches_tracked"]) == 20
+    assert not torch.allclose(saved[0]["bn.running_mean"], saved[1]["bn.running_mean"])
+    model = type(_resnet(0)).from_pretrained(level1[0])  # loads as a stock transformers model
+    assert torch.equal(model.bn.running_var, saved[0]["bn.running_var"])
+    point = load_rewind_point(os.path.join(trunk, REWIND_DIR), _resnet(0), set())
+    assert int(point.weights["bn.num_batches_tracked"]) == 5
+
