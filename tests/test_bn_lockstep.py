@@ -25,7 +25,14 @@ from hf_tickets.data import TensorImageDataset, load_splits
 from hf_tickets.lottery import LotteryRunner
 from hf_tickets.lottery.batched import BatchedMaskedTraining, running_stat_names
 from hf_tickets.lottery.layout import REWIND_DIR, control_dir, level_dir
-from hf_tickets.lottery.lockstep import ArmStart, SplitTensors, batch_tables, plan_from_training_args, train_lockstep
+from hf_tickets.lottery.lockstep import (
+    ArmStart,
+    SplitTensors,
+    TrainPlan,
+    batch_tables,
+    plan_from_training_args,
+    train_lockstep,
+)
 from hf_tickets.lottery.rewind import load_rewind_point
 from hf_tickets.models import CifarResNetConfig, CifarResNetForImageClassification
 from hf_tickets.recipes import accuracy
@@ -55,7 +62,10 @@ def _conv_masks(model: torch.nn.Module, density: float, seed: int) -> MaskSet:
 def _close(got: dict, want: dict, what: str) -> None:
     assert set(got) == set(want), f"{what}: keys differ {sorted(set(got) ^ set(want))[:5]}"
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}")
+        message = f"{what}: {name} differs"
+        torch.testing.assert_close(
+            got[name], want[name], rtol=RTOL, atol=ATOL, msg=lambda m, head=message: f"{head}: {m}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +262,45 @@ def test_lockstep_level_saves_the_running_statistics_the_trainer_backend_saves(t
     point = load_rewind_point(os.path.join(trunk, REWIND_DIR), _resnet(0), set())
     assert int(point.weights["bn.num_batches_tracked"]) == 5
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_keeps_per_arm_running_statistics(digits):
+    """The captured step writes the running statistics in place on its static buffers: graph replay ends where the
+    eager steps end (two replicates' own batches, a late arm joining with its snapshot's statistics)."""
+    device = torch.device("cuda")
+    steps, k = 40, 10
+    plan = TrainPlan(
+        total_steps=steps,
+        batch_size=32,
+        lrs=[0.05 * (1 - s / steps) for s in range(steps)],
+        optimizer="sgd",
+        momentum=0.9,
+        max_grad_norm=1.0,
+        eval_steps=20,
+    )
+    train = SplitTensors(digits["train"].pixel_values.to(device), digits["train"].labels.to(device))
+    evals = {
+        "validation": SplitTensors(
+            digits["validation"].pixel_values.to(device), digits["validation"].labels.to(device)
+        )
+    }
+    tables = batch_tables(plan, len(train.y), 2, device)
+    theta0 = _resnet(0).state_dict()
+    mask = dict(_conv_masks(_resnet(0), 0.5, seed=1))
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        (first,) = train_lockstep(
+            _resnet(0), [ArmStart(theta0, mask)], plan, train, evals, tables, snapshot_step=k, use_cuda_graph=False
+        )
+        weights = dict(theta0, **{key[8:]: v for key, v in first.snapshot.items() if key.startswith("weights/")})
+        state = {key: v for key, v in first.snapshot.items() if not key.startswith("weights/")}
+        arms = [
+            ArmStart(_resnet(1).state_dict(), dict(random_masks_like(mask, seed=2)), 0, None, 1),
+            ArmStart(weights, mask, k, state, 0),
+        ]
+        eager = train_lockstep(_resnet(0), arms, plan, train, evals, tables, use_cuda_graph=False)
+        graph = train_lockstep(_resnet(0), arms, plan, train, evals, tables, use_cuda_graph=True)
+    for i, (a, b) in enumerate(zip(graph, eager)):
+        _close(a.weights, b.weights, f"arm {i}, graph vs eager")
+        assert int(a.weights["bn.num_batches_tracked"]) == steps
+        assert a.history[-1]["validation"]["loss"] == pytest.approx(b.history[-1]["validation"]["loss"], rel=1e-4)
