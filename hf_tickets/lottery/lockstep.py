@@ -8,7 +8,9 @@ step k beside a reinit control at step 0) join the pass when it reaches their st
 Everything a step needs comes from device tensors indexed by a device step counter: the batch indices (one
 table per replicate, `[steps, batch]`), the learning rate (the Trainer's schedule, precomputed). So one step
 reads nothing back to the host and on CUDA the whole step is captured once in a CUDA graph and replayed; the
-host only wakes up to evaluate.
+host only wakes up to evaluate. BatchNorm running statistics are per-arm state like the weights: the captured
+step updates them in place on the engine's static buffers, the capture's warm-up steps are undone on them, and an
+arm carries them into the next phase when a late arm joins (`BatchedMaskedTraining.arm_state`).
 """
 
 from __future__ import annotations
@@ -233,7 +235,8 @@ def train_lockstep(
     Args:
         template: a module of the architecture (copied, never changed).
         tables: `batch_tables(...)`, on the training device.
-        snapshot_step: also return each arm's `arm_state` (weights + optimizer buffers) after this step.
+        snapshot_step: also return each arm's `arm_state` (weights, running statistics, optimizer buffers) after
+            this step.
         use_cuda_graph: capture the step in a CUDA graph (default: when training on CUDA).
         on_eval: called with (step, one metrics dict per evaluated arm) after each evaluation.
     """

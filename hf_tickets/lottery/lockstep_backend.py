@@ -5,12 +5,13 @@ L-1, a control's masks from them), so the trunk, its controls and the replicates
 (`BatchedMaskedTraining`, on CUDA replayed from a CUDA graph) instead of one `Trainer.train` after another. Arms
 that resume from the rewind point join the pass at step k.
 
-What it supports: models without BatchNorm running statistics; `TensorImageDataset` data; AdamW/Adam or SGD
-(momentum, Nesterov) as `TrainingArguments.optim`; every transformers LR schedule; gradient clipping; weight decay
-with the Trainer's exemptions; rewind to theta_0 or to step k. Batches are always full (a batch may straddle two
-epochs) and their order comes from `seed` + replicate, so a level's numbers are those of the same experiment under
-`Trainer`, not the same bits. It runs no Trainer callbacks and computes loss and accuracy itself, so it refuses
-user callbacks and other `compute_metrics`.
+What it supports: image networks, BatchNorm included (each arm keeps its own running statistics, saved in its
+level folder and rewind point as the Trainer backend saves them; momentum=None is refused); `TensorImageDataset`
+data; AdamW/Adam or SGD (momentum, Nesterov) as `TrainingArguments.optim`; every transformers LR schedule; gradient
+clipping; weight decay with the Trainer's exemptions; rewind to theta_0 or to step k. Batches are always full (a
+batch may straddle two epochs) and their order comes from `seed` + replicate, so a level's numbers are those of the
+same experiment under `Trainer`, not the same bits. It runs no Trainer callbacks and computes loss and accuracy
+itself, so it refuses user callbacks and other `compute_metrics`.
 """
 
 from __future__ import annotations
