@@ -20,6 +20,9 @@ from typing import Optional, Sequence
 def _cmd_run(opts: argparse.Namespace) -> int:
     _show_progress()
     from .recipes import default_recipe_path, load_recipe, run_recipe
+    from .run_log import quiet_progress_bars, set_console
+
+    set_console(step_logs=opts.log_steps, progress_bar=opts.progress)
 
     path = default_recipe_path(opts.recipe)
     recipe = load_recipe(path, opts.overrides)
@@ -28,7 +31,8 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     data_name = str(recipe.get("data", {}).get("name") or "")
     if "/" in data_name and not data_name.startswith("sklearn/"):  # a Hub data set: the card's `datasets`
         recipe["ticket"].setdefault("datasets", [data_name])
-    summary = run_recipe(recipe, trust_remote_code=opts.trust_remote_code)
+    with quiet_progress_bars(), _bar_safe_logging(opts.progress):  # no save bars; log lines above the run's bar
+        summary = run_recipe(recipe, trust_remote_code=opts.trust_remote_code)
     report = summary.get("report")
     if report:
         _print_run(summary["output_dir"], report, summary.get("trained", []), summary.get("reused", []))
@@ -181,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let a text model's folder or Hub repo run its own code (never settable from a recipe file)",
     )
+    run.add_argument(
+        "--log-steps",
+        action="store_true",
+        help="also print Trainer's per-step log dicts and bars (always written to <output_dir>/train_log.jsonl)",
+    )
+    run.add_argument(
+        "--progress", action="store_true", help="a progress bar over the run's arm-levels (on a terminal only)"
+    )
     run.set_defaults(func=_cmd_run)
     inspect = sub.add_parser("inspect", help="per-layer sparsity of a folder, a masks.safetensors or a Hub repo id")
     inspect.add_argument("path", help="a folder, a masks.safetensors file, or a Hub repo id (through the Hub cache)")
@@ -214,6 +226,18 @@ def _show_progress() -> None:
         handler.setFormatter(logging.Formatter("hf_tickets: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def _bar_safe_logging(bar: bool):
+    """With the run's bar on, hf_tickets' log lines are written through tqdm so they do not tear the bar."""
+    import contextlib
+    import logging
+
+    if not bar:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("hf_tickets")])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

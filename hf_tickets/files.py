@@ -31,6 +31,7 @@ SPARSITY_CONFIG_NAME = "sparsity_config.json"
 STATE_TENSORS_NAME = "sparsity_state.safetensors"
 METRICS_NAME = "metrics.json"
 TRAINING_ARGS_NAME = "training_args.json"  # TrainingArguments as JSON (Trainer's training_args.bin is a pickle)
+STEP_LOG_NAME = "train_log.jsonl"  # a lottery run's per-step Trainer logs, one JSON object a line (run_log.py)
 CARD_NAME = "README.md"
 # plots a card shows, written next to it
 SPARSITY_PLOT = "sparsity_per_layer.png"

@@ -29,6 +29,7 @@ from ..allocation import random_masks_like
 from ..checkpoints import load_saved_weights
 from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
+from ..run_log import run_bar, run_console
 from .arms import Arm, masked_copy_digest
 from .identity import check_identity, run_identity, tensors_digest
 from .layout import (
@@ -202,6 +203,19 @@ class LotteryRunner:
         top = self.config.num_levels() if train_trunk else max(wanted, default=0)
         planned = self.replicates * ((top + 1 if train_trunk else 0) + len(controls) * len(wanted))
         progress = Progress(planned, top)
+        with run_console(trainer, self.output_dir):  # Trainer's per-step dicts to train_log.jsonl, not the console
+            self._run_levels(summary, progress, masks, top, controls, wanted, train_trunk, writer)
+        progress.close()
+        if writer:
+            from .report import write_run_report
+
+            summary.report = write_run_report(self.output_dir, {"trained": summary.trained, "reused": summary.reused})
+        trainer.accelerator.wait_for_everyone()
+        self._load_last_trunk_level()
+        return summary
+
+    def _run_levels(self, summary, progress, masks, top, controls, wanted, train_trunk, writer) -> None:
+        trainer = self.trainer
         for level in range(top + 1):
             if level > 0:
                 masks = [self._masks_for(r, level, masks[r]) for r in range(self.replicates)]
@@ -224,13 +238,6 @@ class LotteryRunner:
                 progress.trained(arm, metrics)
                 if arm.kind == "trunk" and arm.replicate == 0:
                     summary.last_trunk_metrics = metrics
-        if writer:
-            from .report import write_run_report
-
-            summary.report = write_run_report(self.output_dir, {"trained": summary.trained, "reused": summary.reused})
-        trainer.accelerator.wait_for_everyone()
-        self._load_last_trunk_level()
-        return summary
 
     def _level0_masks(self, r: int) -> MaskSet:
         done = level_dir(replicate_root(self.output_dir, r, self.replicates), 0)
@@ -400,10 +407,17 @@ class Progress:
         self.planned, self.levels = planned, levels
         self.done = self.trained_here = 0
         self.started = time.monotonic()
+        self.bar = run_bar(planned)  # None unless asked for (hf-tickets run --progress) on a terminal
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def reused(self, count: int, level: int) -> None:
         if count:
             self.done += count
+            if self.bar is not None:
+                self.bar.update(count)
             logger.info(
                 "level %d/%d: %d arm(s) reused from an earlier run with the same identity", level, self.levels, count
             )
@@ -413,6 +427,8 @@ class Progress:
 
         self.done += 1
         self.trained_here += 1
+        if self.bar is not None:
+            self.bar.update(1)
         elapsed = time.monotonic() - self.started
         left = elapsed / self.trained_here * (self.planned - self.done)
         accuracy = score(metrics)[0]
