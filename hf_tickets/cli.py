@@ -4,6 +4,7 @@
     hf-tickets inspect runs/quickstart/ticket
     hf-tickets report runs/quickstart
     hf-tickets card runs/quickstart/ticket
+    hf-tickets stability runs/quickstart/rewind_point
 
 The same module runs under `accelerate launch -m hf_tickets.cli run RECIPE`.
 """
@@ -172,6 +173,55 @@ def _cmd_card(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stability(opts: argparse.Namespace) -> int:
+    """Linear mode connectivity from a rewind point, or over rewind steps k of an IMP run (hf_tickets.stability)."""
+    import os
+
+    from .lottery.layout import finished_levels, replicate_roots
+    from .recipes import build_trainer, default_recipe_path, load_recipe
+    from .stability import check_points, check_rewind_point, instability, instability_sweep, recipe_from_run
+
+    check_points(opts.points)
+    is_run = not os.path.isfile(os.path.join(opts.path, "trainer_state.json")) and any(
+        finished_levels(root) for root in replicate_roots(opts.path)
+    )
+    if is_run and opts.masks:
+        raise ValueError("--masks applies to a rewind point; for a run folder choose the masks with --level.")
+    if not is_run:
+        check_rewind_point(opts.path)  # not a run either: says what a rewind point holds
+        if opts.steps or opts.level is not None:
+            raise ValueError("--steps and --level apply to an IMP run folder, not to a rewind point.")
+    recipe_path, overrides = (opts.recipe, []) if opts.recipe else recipe_from_run(opts.path)
+    out = opts.out or (os.path.join(opts.path, "stability") if is_run else os.path.normpath(opts.path) + ".stability")
+    recipe = load_recipe(default_recipe_path(recipe_path), [*overrides, *opts.overrides, f"training.output_dir={out}"])
+    trainer = build_trainer(recipe, trust_remote_code=opts.trust_remote_code)
+    kwargs = dict(
+        data_seeds=tuple(opts.data_seeds),
+        points=opts.points,
+        max_steps=opts.max_steps,
+        eval_split=opts.split,
+        batchnorm=opts.batchnorm,
+        bn_batches=opts.bn_batches,
+        plot=not opts.no_plot,
+    )
+    if is_run:
+        sweep = instability_sweep(trainer, opts.path, out, steps=opts.steps, level=opts.level, **kwargs)
+        print(f"\nlevel {sweep['level']} ({sweep['remaining_weights_pct']:.2f}% of weights left) of {sweep['run']}")
+        print(f"{'k':>8} {'instability':>12} {'loss instab.':>13} {'endpoint errors':>18}")
+        for row in sweep["steps"]:
+            ends = "/".join(f"{e:.4f}" for e in row["endpoint_errors"])
+            print(f"{row['k']:>8} {row['instability']:>12.4f} {row['loss_instability']:>13.4f} {ends:>18}")
+    else:
+        result = instability(trainer, opts.path, out, masks=opts.masks, **kwargs)
+        print(f"\ntwo copies from step {result.start_step} to {result.end_step}, data seeds {result.data_seeds}")
+        print(f"{'alpha':>6} {'error':>8} {'loss':>8}")
+        for alpha, error, loss in zip(result.alphas, result.error, result.loss):
+            print(f"{alpha:>6.3f} {error:>8.4f} {loss:>8.4f}")
+        print(f"instability {result.instability:.4f} (error), {result.loss_instability:.4f} (loss)")
+    print(f"results: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-tickets", description="Lottery tickets and sparse training for transformers."
@@ -213,6 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--license", help="license for the card's metadata (default: kept, else apache-2.0)")
     card.add_argument("--base-model", help="Hub id of the model this one was pruned from")
     card.set_defaults(func=_cmd_card)
+    stab = sub.add_parser(
+        "stability", help="instability (linear mode connectivity) from a rewind point, or over rewind steps of a run"
+    )
+    stab.add_argument("path", help="a rewind point (Trainer checkpoint folder) or an IMP run folder")
+    stab.add_argument("overrides", nargs="*", help="recipe overrides, section.key=value")
+    stab.add_argument("--recipe", help="the recipe the run used (default: read from the run's level_00/metrics.json)")
+    stab.add_argument("--out", help="output folder (default: <run>/stability or <rewind point>.stability)")
+    stab.add_argument("--points", type=int, default=30, help="points on the path, endpoints included (default 30)")
+    stab.add_argument("--data-seeds", type=int, nargs=2, default=[0, 1_000_003], help="the two copies' data_seed")
+    stab.add_argument("--max-steps", type=int, help="global step the copies train to (default: end of schedule)")
+    stab.add_argument("--masks", help="masks folder or file to keep (default: the rewind point's own, else dense)")
+    stab.add_argument("--steps", type=int, nargs="+", help="run folder: rewind steps k (default: the run's own k)")
+    stab.add_argument("--level", type=int, help="run folder: whose masks (default: the last finished trunk level)")
+    stab.add_argument("--split", help="eval set the error is measured on (default: test)")
+    stab.add_argument("--batchnorm", choices=["auto", "recompute", "interpolate"], default="auto")
+    stab.add_argument("--bn-batches", type=int, default=100, help="training batches that recompute BN statistics")
+    stab.add_argument("--no-plot", action="store_true")
+    stab.add_argument("--trust-remote-code", action="store_true", help="as for `hf-tickets run`")
+    stab.set_defaults(func=_cmd_stability)
     return parser
 
 
