@@ -96,6 +96,44 @@ def test_running_stat_names_and_momentum_none_is_refused():
         BatchedMaskedTraining([cumulative, _resnet(1)], [None, None])
 
 
+def _norm_net(kind: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if kind == "batchnorm1d":
+        return torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 12), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 10)
+        )
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 64, 10),
+    )
+
+
+@pytest.mark.parametrize("kind", ["batchnorm1d", "instancenorm2d"])
+@pytest.mark.parametrize("per_arm", [False, True])
+def test_each_arm_updates_its_own_running_statistics(digits, kind, per_arm):
+    """One step: every arm's running statistics are what its own module computes in training mode on its batch."""
+    models = [_norm_net(kind, seed) for seed in (0, 1)]
+    batched = BatchedMaskedTraining(models, [None, None], lr=0.1)
+    x, y = digits["train"].pixel_values[:64], digits["train"].labels[:64]
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])] if per_arm else [(x[:32], y[:32])] * 2
+    if per_arm:
+        batched.step(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]), per_arm=True)
+    else:
+        batched.step(*batches[0])
+    for i, (model, (xb, _)) in enumerate(zip(models, batches)):
+        model.train()
+        with torch.no_grad():
+            model(xb)
+        state, names = batched.state_dict(i), running_stat_names(model)
+        assert len(names) == 3
+        for name in names:
+            torch.testing.assert_close(state[name], model.state_dict()[name], rtol=1e-6, atol=1e-7)
+        initial = _norm_net(kind, i).state_dict()
+        assert not torch.equal(state[names[0]], initial[names[0]]), "the running mean never moved"
+
+
 def test_two_masked_arms_in_one_pass_equal_two_ticket_trainer_runs(tmp_path, digits):
     """Same batches: each arm ends with its TicketTrainer run's weights and running statistics, and evaluates with
     its own running statistics (eval loss and accuracy as the trained model computes them in eval mode)."""
