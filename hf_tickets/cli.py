@@ -27,6 +27,7 @@ def _cmd_run(opts: argparse.Namespace) -> int:
 
     path = default_recipe_path(opts.recipe)
     recipe = load_recipe(path, opts.overrides)
+    _check_pretrained(recipe)
     command = "hf-tickets run " + " ".join(shlex.quote(a) for a in [path, *opts.overrides])
     recipe.setdefault("ticket", {}).setdefault("command", command)
     data_name = str(recipe.get("data", {}).get("name") or "")
@@ -40,6 +41,20 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     if "ticket_dir" in summary:  # absent on non-writing ranks of a distributed run
         print(f"ticket: {summary['ticket_dir']}")
     return 0
+
+
+def _check_pretrained(recipe: dict) -> None:
+    """A recipe's `model.pretrained` that is a missing local folder, or a Hub id that is neither cached nor
+    reachable (and has no `model.offline_fallback`), fails now, in seconds, with the fix."""
+    from .hub_probe import require_hub_model
+
+    model = recipe.get("model") or {}
+    pretrained = model.get("pretrained") if isinstance(model, dict) else None
+    if isinstance(pretrained, str) and pretrained and not model.get("offline_fallback"):
+        require_hub_model(
+            pretrained,
+            fix="give the recipe a model.offline_fallback (a local folder, or 'minilm', which a package ships)",
+        )
 
 
 def _mean_std(stats: Optional[dict]) -> str:
@@ -83,10 +98,18 @@ def _print_run(output_dir: str, report: dict, trained: list, reused: list) -> No
 def _cmd_inspect(opts: argparse.Namespace) -> int:
     import os
 
+    from .hub_probe import require_hub_model
     from .masks import MASKS_NAME, load_masks
 
     if opts.pattern and os.path.isdir(opts.path) and not os.path.isfile(os.path.join(opts.path, MASKS_NAME)):
         return _inspect_nm(opts, None)  # a folder without masks: its zeros alone
+    if os.path.isdir(opts.path) and not os.path.isfile(os.path.join(opts.path, MASKS_NAME)):
+        raise ValueError(
+            f"{opts.path} is not a sparse checkpoint folder (no {MASKS_NAME} in it): pass a level, ticket or "
+            "checkpoint folder, a masks file or a Hub repo id (a dense folder's zeros: add --pattern N:M)."
+        )
+    if not os.path.exists(opts.path):  # a missing local path is not sent to the Hub; an unreachable Hub fails now
+        require_hub_model(opts.path, MASKS_NAME, opts.revision, fix="check the repo id or the local path")
     masks = load_masks(opts.path, revision=opts.revision)  # a folder, a masks file, or a Hub repo id (cached)
     report = masks.report()
     pattern = opts.pattern or str(masks.metadata.get("pattern", "unstructured"))
@@ -144,9 +167,11 @@ def _inspect_nm(opts: argparse.Namespace, masks, pattern: Optional[str] = None, 
 def _cmd_report(opts: argparse.Namespace) -> int:
     import os
 
+    from .hub_probe import require_folder
     from .lottery import write_run_report
     from .lottery.layout import finished_levels, replicate_roots
 
+    require_folder(opts.path, "lottery run folder")
     if not any(finished_levels(root) for root in replicate_roots(opts.path)):
         print(
             f"hf-tickets: error: {opts.path} is not a lottery run folder (no finished level_NN/ in it"
@@ -165,9 +190,16 @@ def _cmd_card(opts: argparse.Namespace) -> int:
     import os
 
     from .cards import card_from_folder
+    from .files import MASKS_NAME, SPARSITY_CONFIG_NAME
+    from .hub_probe import require_folder
 
-    if not os.path.isdir(opts.path):
-        raise ValueError(f"{opts.path!r} is not a folder: pass a checkpoint folder written by hf_tickets.")
+    require_folder(opts.path, "checkpoint folder")
+    missing = [n for n in (MASKS_NAME, SPARSITY_CONFIG_NAME) if not os.path.isfile(os.path.join(opts.path, n))]
+    if missing:
+        raise ValueError(
+            f"{opts.path} is not a sparse checkpoint folder (no {' or '.join(missing)} in it), so nothing was written "
+            "there: pass a level, ticket or checkpoint folder written by hf_tickets."
+        )
     path = card_from_folder(opts.path, datasets=opts.dataset, license=opts.license, base_model=opts.base_model)
     print(path)
     return 0

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
+
+import pytest
 
 from hf_tickets.cli import main
 from hf_tickets.files import STEP_LOG_NAME
@@ -63,3 +67,81 @@ def test_log_steps_puts_the_step_dicts_back_on_the_console(tmp_path, capfd):
     console = capfd.readouterr()
     assert "'loss'" in console.out + console.err
     assert (out / STEP_LOG_NAME).is_file()  # written either way
+
+
+# ---- paths: a missing local path is a missing folder (exit 2), never a Hub request; wrong-kind folders are refused
+
+
+@pytest.fixture
+def closed_endpoint(monkeypatch):
+    """The Hub endpoint is a local port nobody listens on; offline mode off, so the probe really runs."""
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return port
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["inspect", "runs/nope"], ["inspect", "runs/a/b"], ["report", "runs/does_not_exist"], ["card", "./nope"]],
+)
+def test_missing_local_paths_are_missing_folders(argv, tmp_path, monkeypatch, closed_endpoint, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 2  # no Hub request, no retries
+    err = capsys.readouterr().err
+    assert f"{argv[1]}: missing folder" in err and "Traceback" not in err
+    assert listing(tmp_path) == ["runs"]
+
+
+def test_wrong_kind_folders_are_refused_and_left_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "level_00").mkdir(parents=True)  # a run root: no masks of its own, not a checkpoint
+    (run / "notes.txt").write_text("mine", encoding="utf-8")
+    before = listing(tmp_path)
+    assert main(["inspect", str(run)]) == 2
+    assert "is not a sparse checkpoint folder (no masks.safetensors in it)" in capsys.readouterr().err
+    assert main(["card", str(run)]) == 2
+    assert "nothing was written there" in capsys.readouterr().err
+    assert main(["report", str(run / "notes.txt")]) == 2
+    assert "is a file, not a lottery run folder" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+# ---- an unreachable Hub fails fast with the fix
+
+
+def test_unreachable_hub_repo_fails_fast_naming_the_fix(closed_endpoint, capsys):
+    started = time.monotonic()
+    assert main(["inspect", "someone/not-a-cached-repo"]) == 1
+    assert time.monotonic() - started < 5  # one probe, no 30 s retry loop
+    err = capsys.readouterr().err
+    assert "cannot load 'someone/not-a-cached-repo' from the Hugging Face Hub" in err
+    assert f"127.0.0.1:{closed_endpoint} unreachable" in err and "HF_HUB_OFFLINE" in err and "local folder" in err
+
+
+def test_recipe_hub_model_without_fallback_fails_before_training(closed_endpoint, tmp_path, capsys):
+    recipe = str(REPO / "recipes" / "bert_rotten_tomatoes.yaml")
+    argv = ["run", recipe, "model.pretrained=someone/not-a-cached-bert", "model.offline_fallback=null"]
+    started = time.monotonic()
+    assert main([*argv, f"training.output_dir={tmp_path / 'run'}"]) == 1
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "model.offline_fallback" in err and "local folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_offline_mode_and_an_uncached_model_fail_at_once(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["inspect", "someone/not-a-cached-repo"]) == 1
+    assert "HF offline mode is set" in capsys.readouterr().err
