@@ -191,13 +191,13 @@ def test_two_masked_arms_in_one_pass_equal_two_ticket_trainer_runs(tmp_path, dig
 def _plan_and_data(digits, tmp_path, optim="sgd"):
     args = training_args(
         str(tmp_path),
-        max_steps=30,
+        max_steps=16,
         per_device_train_batch_size=32,
         optim=optim,
         optim_args="momentum=0.9" if optim == "sgd" else None,
         learning_rate=0.05 if optim == "sgd" else 1e-3,
         eval_strategy="steps",
-        eval_steps=10,
+        eval_steps=8,
     )
     plan = plan_from_training_args(args, _resnet(0), len(digits["train"]), None)
     train = SplitTensors(digits["train"].pixel_values, digits["train"].labels)
@@ -207,7 +207,7 @@ def _plan_and_data(digits, tmp_path, optim="sgd"):
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
 def test_rewind_snapshot_and_late_arm_carry_running_statistics(tmp_path, digits, optim):
-    k = 10
+    k = 6
     plan, train, evals = _plan_and_data(digits, tmp_path, optim)
     tables = batch_tables(plan, len(train.y), 1, "cpu")
     theta0 = _resnet(0).state_dict()
@@ -233,7 +233,7 @@ def test_rewind_snapshot_and_late_arm_carry_running_statistics(tmp_path, digits,
     together = train_lockstep(_resnet(0), [other, late], plan, train, evals, tables)
     _close(together[0].weights, alone.weights, "step-0 arm carried across the join")
     _close(together[1].weights, resumed.weights, "late arm beside a step-0 arm")
-    assert int(together[0].weights["bn.num_batches_tracked"]) == 30
+    assert int(together[0].weights["bn.num_batches_tracked"]) == 16
 
 
 def test_mutable_tensors_restore_running_statistics(digits):
@@ -262,20 +262,20 @@ def test_lockstep_level_saves_the_running_statistics_the_trainer_backend_saves(t
             model=_resnet(0),
             args=training_args(
                 str(out),
-                max_steps=20,
+                max_steps=12,
                 per_device_train_batch_size=32,
                 per_device_eval_batch_size=512,
                 optim="sgd",
                 optim_args="momentum=0.9",
                 learning_rate=0.05,
                 eval_strategy="steps",
-                eval_steps=10,
+                eval_steps=6,
             ),
             train_dataset=digits["train"],
             eval_dataset={"validation": digits["validation"], "test": digits["test"]},
             data_collator=TensorImageDataset.collate,
             compute_metrics=accuracy,
-            sparsity_config=SparsityConfig(method="imp", levels=1, prune_fraction=0.2, rewind="step", rewind_step=5),
+            sparsity_config=SparsityConfig(method="imp", levels=1, prune_fraction=0.2, rewind="step", rewind_step=4),
         )
         LotteryRunner(trainer, backend).run(controls=("reinit",))
         folders[backend] = out
@@ -292,13 +292,13 @@ def test_lockstep_level_saves_the_running_statistics_the_trainer_backend_saves(t
             assert state[name].dtype == value.dtype, name
             if name.endswith("num_batches_tracked"):  # the same count of training-mode forwards
                 assert torch.equal(state[name], value), name
-    # the trunk resumes from the rewind point (5 batches seen) for steps 5..20
-    assert int(saved[0]["bn.num_batches_tracked"]) == 20
+    # the trunk resumes from the rewind point (4 batches seen) for steps 4..12
+    assert int(saved[0]["bn.num_batches_tracked"]) == 12
     assert not torch.allclose(saved[0]["bn.running_mean"], saved[1]["bn.running_mean"])
     model = type(_resnet(0)).from_pretrained(level1[0])  # loads as a stock transformers model
     assert torch.equal(model.bn.running_var, saved[0]["bn.running_var"])
     point = load_rewind_point(os.path.join(trunk, REWIND_DIR), _resnet(0), set())
-    assert int(point.weights["bn.num_batches_tracked"]) == 5
+    assert int(point.weights["bn.num_batches_tracked"]) == 4
 
 
 @pytest.mark.gpu
