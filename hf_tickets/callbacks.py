@@ -12,6 +12,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .distributed import agree_on_masks
 from .enforce import MaskEnforcer
 from .masks import MaskSet
 from .methods import BatchSource, SparsityMethod
@@ -72,12 +73,22 @@ class SparsityCallback(TrainerCallback, ExportableState):
                 raise ValueError("SparsityCallback needs masks or a method: pass SparsityCallback(masks, model).")
             masks = initial_masks(model, self.method, batches)
         masks.validate_for(model)
+        # Under torch.distributed, rank 0's masks (ranks may have scored their own batches or seeds); DDP then
+        # broadcasts rank 0's weights, so every rank trains the same sparse network.
+        masks = agree_on_masks(masks, adopt_rank0=True)
         self.model = model
-        self.set_masks(masks)
+        self.set_masks(masks, _agreed=True)
         return masks
 
-    def set_masks(self, masks: MaskSet, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Enforce `masks` from now on: zero the pruned weights at once (and their optimizer state)."""
+    def set_masks(
+        self, masks: MaskSet, optimizer: Optional[torch.optim.Optimizer] = None, _agreed: bool = False
+    ) -> None:
+        """Enforce `masks` from now on: zero the pruned weights at once (and their optimizer state).
+
+        Under torch.distributed every rank must call it with bitwise-equal masks (checked: a RuntimeError otherwise).
+        """
+        if not _agreed:
+            agree_on_masks(masks, adopt_rank0=False)
         self.masks = masks
         self._enforcer = None
         bind_masks(self.model, masks)  # masked LoRA keeps adapter updates inside the masks enforced now
@@ -149,6 +160,8 @@ class SparsityCallback(TrainerCallback, ExportableState):
             self.setup(model, _batches_from(train_dataloader))
         elif self.model is None:
             self.model = model
+        if self._enforcer is not None:  # prepare() may have replaced the parameters (FSDP2, DeepSpeed): bind anew
+            self._enforcer.rebind()
         if state.global_step > 0:  # resumed from a checkpoint: restore what the checkpoint saved
             saved = (state.stateful_callbacks or {}).get(type(self).__name__)
             if isinstance(saved, dict):
@@ -181,7 +194,9 @@ class SparsityCallback(TrainerCallback, ExportableState):
                 control.should_log = True  # every mask update gets its log line (churn, per-layer sparsity)
         # Momentum and weight decay would move pruned weights off zero (frozen weights get no step: left out).
         if not projects:
-            self.enforcer(model).mask_weights_(trainable_only=True)
+            enforcer = self.enforcer(model)
+            enforcer.mask_weights_(trainable_only=True)
+            enforcer.mask_master_weights_()  # DeepSpeed ZeRO-1/2 steps an fp32 copy: masked too
         self._grads_masked = False
 
     # ---- checkpoint state ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .distributed import local, local_mask, zero_master_weights_
 from .kernels import MultiTensorMasker
 from .masks import MaskSet
 
@@ -29,7 +30,11 @@ class MaskEnforcer:
     """Binds a `MaskSet` to a model's parameters and keeps the pruned entries at exactly zero.
 
     The parameter list, the masks moved next to their parameters and the kernel's launch tables are built once and
-    rebuilt only when the model is another object or was moved to another device.
+    rebuilt only when the model is another object, was moved to another device, or `rebind()` is called (FSDP2 and
+    DeepSpeed replace the parameter objects when the model is prepared: masks bound to the old ones mask nothing).
+
+    FSDP2 parameters are `DTensor`s: each rank then holds the shard of every mask that matches its shard of the
+    parameter, and every write below is a local `masked_fill_` on `to_local()` views (no communication).
     """
 
     def __init__(self, masks: MaskSet, model: nn.Module) -> None:
@@ -38,6 +43,10 @@ class MaskEnforcer:
         self._params: list[torch.Tensor] = []
         self._masker: Optional[MultiTensorMasker] = None
         self._device: Optional[torch.device] = None
+
+    def rebind(self) -> None:
+        """Bind to the model's current parameter objects at the next call (after a wrapper replaced them)."""
+        self._masker = None
 
     @property
     def model(self) -> nn.Module:
@@ -54,10 +63,14 @@ class MaskEnforcer:
             self.masks.validate_for(model)
             named = dict(model.named_parameters())
             self._params = [named[n] for n in self.masks]
-            keep = [self.masks[n].to(p.device).contiguous() for n, p in zip(self.masks, self._params)]
+            keep = [local_mask(self.masks[n], p).contiguous() for n, p in zip(self.masks, self._params)]
             self._masker = MultiTensorMasker(keep)
             self._device = self._params[0].device if self._params else None
         return self._params, self._masker
+
+    def local_masks(self) -> list[torch.Tensor]:
+        """Each mask as this rank holds it (its parameter's shard under FSDP2), in `masks` order."""
+        return self._bound()[1].masks
 
     def mask_weights_(self, trainable_only: bool = False) -> None:
         """Zero every pruned weight in place.
@@ -73,14 +86,22 @@ class MaskEnforcer:
             trainable = [i for i, p in enumerate(params) if p.requires_grad]
             if len(trainable) < len(params):
                 if trainable:
-                    masker.subset(trainable).zero_pruned_([params[i] for i in trainable])
+                    masker.subset(trainable).zero_pruned_([local(params[i]) for i in trainable])
                 return
-        masker.zero_pruned_(params)
+        masker.zero_pruned_([local(p) for p in params])
+
+    def mask_master_weights_(self) -> None:
+        """Zero the pruned entries of DeepSpeed ZeRO-1/2's fp32 master weights and their optimizer state: ZeRO
+        copies its master weights into the module after every step, so zeros in the module alone would not last.
+        Does nothing for parameters DeepSpeed does not manage."""
+        params, masker = self._bound()
+        if params and any(getattr(p, "_hp_mapping", None) is not None for p in params):
+            zero_master_weights_(params, masker.masks)
 
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights in place; parameters without a gradient are skipped."""
         params, masker = self._bound()
-        grads = [p.grad for p in params]
+        grads = [None if p.grad is None else local(p.grad) for p in params]
         if all(g is not None for g in grads):
             if grads:
                 masker.zero_pruned_(grads)
@@ -99,8 +120,8 @@ class MaskEnforcer:
         if optimizer is None:
             return
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-        params, _ = self._bound()
-        for name, param in zip(self.masks, params):
+        params, masker = self._bound()
+        for param, keep in zip(params, masker.masks):
             state = inner.state.get(param)
             if not state:
                 continue
@@ -108,13 +129,13 @@ class MaskEnforcer:
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
                     if pruned is None:
-                        pruned = ~self.masks[name].to(value.device)
-                    value.masked_fill_(pruned, 0)
+                        pruned = ~keep
+                    local(value).masked_fill_(pruned.to(local(value).device), 0)
 
     def count_violations(self) -> int:
         """Pruned weights that are not exactly zero (0 while the masks are enforced)."""
-        params, _ = self._bound()
-        return int(sum(int((p.detach()[~self.masks[n].to(p.device)] != 0).sum()) for n, p in zip(self.masks, params)))
+        params, masker = self._bound()
+        return int(sum(int((local(p.detach())[~keep] != 0).sum()) for p, keep in zip(params, masker.masks)))
 
 
 def apply_masks_(model: nn.Module, masks: MaskSet) -> nn.Module:

@@ -21,6 +21,7 @@ from .callbacks import SparsityCallback
 from .cards import card_tags, current_command, write_mask_updates_section, write_model_card
 from .checkpoints import last_complete_checkpoint
 from .config import SparsityConfig
+from .distributed import check_supported
 from .files import CARD_NAME, STATE_TENSORS_NAME, write_text_atomic
 from .masks import MASKS_NAME, MaskSet
 from .methods import SparsityMethod, build_method
@@ -79,6 +80,8 @@ class TicketTrainer(Trainer):
             return
         # A peft model: rejects combinations that cannot hold, and scores W + ΔW of its LoRA layers.
         self.sparsity_method = prepare_method(self.model, build_method(sparsity_config))
+        # DeepSpeed ZeRO-3, FSDP1, or a method whose masks this launch cannot keep: refused before any training.
+        check_supported(self.args, self.accelerator, self.sparsity_method)
         callback = SparsityCallback(method=self.sparsity_method)
         batches = self._train_batches if self.train_dataset is not None else None
         callback.setup(self.model, batches=batches, masks=masks)

@@ -1,0 +1,203 @@
+"""Issue 17 on CPU: masks equal on every rank for every method (DDP, 2 gloo ranks), IMP under DDP equal to one
+process with the same global batch, FSDP2 sharded masks, and the refusal of launches whose masks cannot be kept."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_tickets import MaskSet, SparsityConfig
+from hf_tickets.distributed import check_supported, deepspeed_stage, kth_smallest, masks_digest
+from hf_tickets.methods import build_method
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`nproc` CPU processes under torchrun (1: plain python), offline; fails with the end of stderr."""
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=900, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# ---- fast: the pieces, in one process ------------------------------------------------------------------------------
+
+
+def test_kth_smallest_equals_kthvalue_of_all_scores():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(37, generator=g), torch.randn(5, 3, generator=g).abs(), torch.tensor([0.0, -0.0, 2.5])]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    for k in (1, 2, 17, flat.numel() // 2, flat.numel()):
+        assert kth_smallest(parts, k) == float(flat.kthvalue(k).values)
+    with pytest.raises(ValueError, match="outside"):
+        kth_smallest(parts, flat.numel() + 1)
+
+
+def test_masks_digest_tells_one_bit():
+    masks = MaskSet({"a": torch.ones(3, 5, dtype=torch.bool), "b": torch.zeros(7, dtype=torch.bool)})
+    flipped = dict(masks)
+    flipped["b"] = flipped["b"].clone()
+    flipped["b"][6] = True
+    assert masks_digest(masks) == masks_digest(masks.clone())
+    assert masks_digest(masks) != masks_digest(MaskSet(flipped))
+
+
+def _method(**kwargs):
+    return build_method(SparsityConfig(**kwargs))
+
+
+FIXED = dict(method="magnitude", sparsity=0.5)
+IMP = dict(method="imp", levels=2)
+RIGL = dict(method="rigl", sparsity=0.5)
+
+
+@pytest.mark.parametrize(
+    "deepspeed, method, refused",
+    [
+        ({"zero_optimization": {"stage": 3}}, FIXED, "ZeRO-3 is not supported"),
+        ({"zero_optimization": {"stage": 2}}, IMP, "rewinding would have to restore"),
+        ({"zero_optimization": {"stage": 2}}, RIGL, "changes masks during training"),
+        ({"zero_optimization": {"stage": 2}}, FIXED, None),
+        ({"zero_optimization": {"stage": 1}}, FIXED, None),
+        (None, IMP, None),
+    ],
+)
+def test_deepspeed_stages_are_refused_before_deepspeed_starts(tmp_path, deepspeed, method, refused):
+    """The check reads TrainingArguments.deepspeed (a dict or a JSON file) before DeepSpeed is initialised."""
+    if deepspeed is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(deepspeed))
+        deepspeed = str(path)
+    args = SimpleNamespace(deepspeed=deepspeed)
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            check_supported(args, None, _method(**method))
+    else:
+        check_supported(args, None, _method(**method))
+
+
+def test_deepspeed_stage_of_an_accelerate_launch():
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=3)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+    assert deepspeed_stage(SimpleNamespace(), accelerator) == 3
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_supported(SimpleNamespace(), accelerator, _method(**FIXED))
+
+
+@pytest.mark.parametrize(
+    "version, method, refused",
+    [(1, FIXED, "FSDP1 is not supported"), (2, IMP, "not supported under FSDP2"), (2, RIGL, "FSDP2"), (2, FIXED, None)],
+)
+def test_fsdp_launches_that_cannot_keep_masks_are_refused(version, method, refused):
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(fsdp_version=version)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            check_supported(SimpleNamespace(deepspeed=None), accelerator, _method(**method))
+    else:
+        check_supported(SimpleNamespace(deepspeed=None), accelerator, _method(**method))
+
+
+# ---- slow: two gloo processes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_method_keeps_equal_masks_and_no_leaks_on_two_ranks(tmp_path):
+    """Magnitude, random, N:M, SNIP, RigL, SET, gradual: each rank starts from other weights (seed rank + 1), so only
+    rank 0's initial masks make the ranks agree; every step's mask digest equal on both ranks, no pruned weight
+    non-zero after any step, equal weights at the end; a rank that sets other masks later is refused."""
+    out = tmp_path / "methods"
+    _run([os.path.join(REPO, "tests", "ddp_methods_worker.py"), str(out), "8"])
+    ranks = [json.load(open(out / f"rank_{r}.json")) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for name, mine in ranks[0]["methods"].items():
+        other = ranks[1]["methods"][name]
+        assert len(mine["steps"]) == 9, name
+        assert [s["masks"] for s in mine["steps"]] == [s["masks"] for s in other["steps"]], name
+        assert all(s["leaks"] == 0 for s in mine["steps"] + other["steps"]), name
+        assert len(set(mine["final_digests"])) == 1 and len(set(mine["weights"])) == 1, name
+    changes = {
+        name: [i for i in range(1, 9) if m["steps"][i]["masks"] != m["steps"][i - 1]["masks"]]
+        for name, m in ranks[0]["methods"].items()
+    }
+    assert changes["rigl"] == [2, 4] and changes["set"] == [2, 4] and changes["gradual"] == [2, 4, 6]
+    assert changes["magnitude"] == changes["nm"] == changes["snip"] == []
+    for r in ranks:
+        assert "differ from rank 0's" in r["diverge_error"]
+    assert all((out / name / "masks.safetensors").is_file() for name in ranks[0]["methods"])
+
+
+IMP_ARGS = [
+    "training.max_steps=20",  # within the first epoch of 1,297 digits at 60 a step: the same batches either way
+    "training.eval_steps=10",
+    "training.logging_steps=10",
+    "sparsity.levels=2",
+    "sparsity.rewind_step=5",
+    "controls=[random_prune]",
+    "control_levels=[2]",
+]
+
+
+@pytest.mark.slow
+def test_imp_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path):
+    """2 ranks x 30 samples vs 1 process x 60: accelerate shards one shuffled order, so both read the same 60 samples
+    per step; levels, the rewind point and the random-prune control must match (masks bitwise, weights to float
+    noise)."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    recipe = os.path.join(REPO, "recipes", "quickstart_digits.yaml")
+    cli = ["-m", "hf_tickets.cli", "run", recipe]
+    _run([*cli, f"training.output_dir={one}", "training.per_device_train_batch_size=60", *IMP_ARGS], nproc=1)
+    result = _run([*cli, f"training.output_dir={two}", "training.per_device_train_batch_size=30", *IMP_ARGS])
+    assert result.stdout.count("IMP run in") == 1  # one writer
+    for folder in ("level_00", "level_01", "level_02", "rewind_point"):
+        assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
+        a, b = load_file(one / folder / "model.safetensors"), load_file(two / folder / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{folder}/{key}")
+    assert MaskSet.load(one / "level_02").kept() < MaskSet.load(one / "level_01").kept()
+    control = f"{one}.random_prune", f"{two}.random_prune"
+    assert MaskSet.load(os.path.join(control[0], "level_02")) == MaskSet.load(os.path.join(control[1], "level_02"))
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_gloo_ranks_keeps_sharded_masks_and_saves_single_device_files(tmp_path):
+    """FSDP2 runs on CPU with gloo (torch 2.13): masks cut like their parameters' shards, zero leaks after every
+    step, a global threshold from the shards equal to the full tensors' kthvalue, newly pruned Adam moments zeroed,
+    and the saved model and masks equal to a single-device run's."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    worker = os.path.join(REPO, "tests", "fsdp2_worker.py")
+    _run([worker, str(one), "4"], nproc=1)
+    _run([worker, str(two), "4"])
+    ranks = [json.load(open(two / f"rank_{r}.json")) for r in range(2)]
+    reference = json.load(open(one / "rank_0.json"))
+    for r in ranks:
+        assert r["world_size"] == 2 and len(r["sharded"]) == 14 and r["shards_match"]
+        assert r["leaks"] == [0, 0, 0, 0] and r["leaks_after_shrink"] == 0 and r["stale_state"] == 0
+        assert r["threshold"] == r["threshold_full"]  # exact, from the shards alone
+        assert r["pruned_now"] == reference["pruned_now"] > 0
+    assert ranks[0]["threshold"] == ranks[1]["threshold"]
+    assert sorted(os.listdir(one / "model")) == sorted(os.listdir(two / "model"))
+    assert MaskSet.load(one / "model") == MaskSet.load(two / "model")
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
