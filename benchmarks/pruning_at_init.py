@@ -37,7 +37,7 @@ def _overrides(method: str, sparsity: float, seed: int, steps: int, eval_steps: 
         f"training.eval_steps={eval_steps}",
         f"training.logging_steps={eval_steps}",
         f"training.output_dir={output_dir}",
-        "training.use_cpu=true",
+        *([] if torch.cuda.is_available() else ["training.use_cpu=true"]),
     ]
 
 

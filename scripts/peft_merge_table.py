@@ -117,21 +117,35 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the recipes' 5e-4")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="merge the rows of result files (one per seed, run in parallel) into --json",
+    )
     args = parser.parse_args()
+    if args.combine:
+        rows = [row for path in args.combine for row in json.load(open(path, encoding="utf-8"))["rows"]]
+        _write(args, sorted(rows, key=lambda r: r["seed"]))
+        return
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(one_seed(args, seed, tmp))
         print(json.dumps(rows[-1]), flush=True)
-        if args.json:  # written after every seed: a long run keeps what it finished
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            summary = {k: _mean_std([r[k] for r in rows]) for k in rows[0] if k != "seed"}
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump({"args": vars(args), "rows": rows, "summary": summary}, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-    for key in rows[0]:
-        if key != "seed":
-            print(f"{key:36s} {_mean_std([r[key] for r in rows])}")
+        _write(args, rows)  # after every seed: a long run keeps what it finished
+
+
+def _write(args, rows: list[dict]) -> None:
+    """Rows and their mean ± std per column, to --json (when given) and the console."""
+    summary = {k: _mean_std([r[k] for r in rows]) for k in rows[0] if k != "seed"}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "rows": rows, "summary": summary}, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+    for key, value in summary.items():
+        print(f"{key:36s} {value}")
 
 
 def _mean_std(values: list[float]) -> list[float]:

@@ -252,3 +252,20 @@ def test_one_trainer_step(tmp_path):
     result = trainer.train()
     assert trainer.state.global_step == 1 and math.isfinite(result.training_loss)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "conv2"])
+def test_weight_init_kaiming_normal_draws_fan_in_relu_std_and_zero_bias(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_labels=10, num_channels=1, image_size=28, weight_init="kaiming_normal")
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    largest = max(weights, key=lambda w: w.numel())
+    fan_in = largest[0].numel()
+    assert abs(largest.std().item() - (2 / fan_in) ** 0.5) < 0.05 * (2 / fan_in) ** 0.5
+    assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert build_model(name, num_labels=10, num_channels=1, image_size=28).config.weight_init == "glorot_normal"
+
+
+def test_weight_init_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="weight_init='he' is not valid"):
+        build_model("lenet5", weight_init="he")

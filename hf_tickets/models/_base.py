@@ -18,12 +18,17 @@ __all__ = [
     "ImageClassifierModel",
     "check_batchnorm_init",
     "check_positive",
+    "check_weight_init",
+    "init_weight_and_bias",
     "classification_loss",
     "init",
     "init_batchnorm",
 ]
 
 BATCHNORM_INITS = ("ones", "uniform")
+# Gaussian Glorot is Frankle & Carbin 2019's init for LeNet and Conv-2/4/6; Kaiming normal (fan_in, ReLU) is what
+# later LTH studies (and the course protocol in recipes/course_*) use for the same networks.
+WEIGHT_INITS = ("glorot_normal", "kaiming_normal")
 
 
 def check_positive(config_name: str, **values: int) -> None:
@@ -57,6 +62,22 @@ class ImageClassificationConfig(PretrainedConfig):
 def check_batchnorm_init(config_name: str, value: str) -> None:
     if value not in BATCHNORM_INITS:
         raise ValueError(f"{config_name}.batchnorm_init={value!r} is not valid: use one of {BATCHNORM_INITS}.")
+
+
+def check_weight_init(config_name: str, value: str) -> None:
+    if value not in WEIGHT_INITS:
+        raise ValueError(f"{config_name}.weight_init={value!r} is not valid: use one of {', '.join(WEIGHT_INITS)}.")
+
+
+def init_weight_and_bias(module: nn.Module, scheme: str) -> None:
+    """Draw a Linear/Conv2d weight by `scheme` (one of WEIGHT_INITS) and zero its bias; other modules are left."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if scheme == "kaiming_normal":
+            init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        else:
+            init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
 
 
 def init_batchnorm(module: nn.BatchNorm2d, mode: str) -> None:

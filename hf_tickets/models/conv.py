@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ImageClassificationConfig, ImageClassifierModel, check_positive, init
+from ._base import (
+    ImageClassificationConfig,
+    ImageClassifierModel,
+    check_positive,
+    check_weight_init,
+    init_weight_and_bias,
+)
 
 __all__ = ["ConvNetConfig", "ConvNetForImageClassification"]
 
@@ -23,6 +29,7 @@ class ConvNetConfig(ImageClassificationConfig):
     Args:
         num_conv_layers (`int`, defaults to 2): 2, 4 or 6 (Conv-2, Conv-4, Conv-6).
         hidden_sizes (`list[int]`, defaults to `[256, 256]`): widths of the fully connected layers.
+        weight_init (`str`, defaults to `"glorot_normal"`): Gaussian Glorot, or `"kaiming_normal"` (fan_in, ReLU).
         num_channels, image_size, num_labels: see `ImageClassificationConfig`; defaults are CIFAR-10's (3, 32, 10).
 
     On CIFAR-10 this gives 4,301,642 / 2,425,930 / 2,262,602 parameters. The paper's Figure 2 lists Conv-6 as 1.7M,
@@ -38,8 +45,11 @@ class ConvNetConfig(ImageClassificationConfig):
         num_channels: int = 3,
         image_size: int = 32,
         num_labels: int | None = None,
+        weight_init: str = "glorot_normal",
         **kwargs,
     ) -> None:
+        check_weight_init("ConvNetConfig", weight_init)
+        self.weight_init = weight_init
         if num_conv_layers not in (2, 4, 6):
             raise ValueError(
                 f"ConvNetConfig.num_conv_layers={num_conv_layers!r} is not valid: use 2, 4 or 6 (Conv-2/4/6)."
@@ -76,10 +86,7 @@ class ConvNetForImageClassification(ImageClassifierModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.xavier_normal_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        init_weight_and_bias(module, self.config.weight_init)
 
     def compute_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values

@@ -8,17 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ImageClassificationConfig, ImageClassifierModel, check_positive, init
+from ._base import (
+    ImageClassificationConfig,
+    ImageClassifierModel,
+    check_positive,
+    check_weight_init,
+    init_weight_and_bias,
+)
 
 __all__ = ["LeNet5Config", "LeNet5ForImageClassification", "LeNet300100Config", "LeNet300100ForImageClassification"]
-
-
-def _glorot_init(module: nn.Module) -> None:
-    # Frankle & Carbin 2019 (Figure 2) initialize with Gaussian Glorot and zero biases.
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        init.xavier_normal_(module.weight)
-        if module.bias is not None:
-            init.zeros_(module.bias)
 
 
 class LeNet300100Config(ImageClassificationConfig):
@@ -26,6 +24,8 @@ class LeNet300100Config(ImageClassificationConfig):
 
     Args:
         hidden_sizes (`list[int]`, defaults to `[300, 100]`): widths of the hidden layers.
+        weight_init (`str`, defaults to `"glorot_normal"`): Frankle & Carbin's Gaussian Glorot, or `"kaiming_normal"`
+            (fan_in, ReLU); biases start at zero either way.
         num_channels, image_size, num_labels: see `ImageClassificationConfig`; defaults are MNIST's (1, 28, 10).
     """
 
@@ -37,11 +37,14 @@ class LeNet300100Config(ImageClassificationConfig):
         num_channels: int = 1,
         image_size: int = 28,
         num_labels: int | None = None,
+        weight_init: str = "glorot_normal",
         **kwargs,
     ) -> None:
         hidden_sizes = [300, 100] if hidden_sizes is None else list(hidden_sizes)
         check_positive(type(self).__name__, **{f"hidden_sizes[{i}]": h for i, h in enumerate(hidden_sizes)})
+        check_weight_init(type(self).__name__, weight_init)
         self.hidden_sizes = hidden_sizes
+        self.weight_init = weight_init
         super().__init__(num_channels=num_channels, image_size=image_size, num_labels=num_labels, **kwargs)
 
 
@@ -60,7 +63,7 @@ class LeNet300100ForImageClassification(ImageClassifierModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        _glorot_init(module)
+        init_weight_and_bias(module, self.config.weight_init)
 
     def compute_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.flatten(1)
@@ -75,6 +78,7 @@ class LeNet5Config(ImageClassificationConfig):
     Args:
         conv1_padding (`int`, *optional*): padding of the first conv. Defaults to 2 for 28x28 inputs, so MNIST
             reaches the fully connected layers as 16x5x5 exactly like LeNet-5's 32x32 input, and 0 otherwise.
+        weight_init (`str`, defaults to `"glorot_normal"`): as in `LeNet300100Config`.
         num_channels, image_size, num_labels: see `ImageClassificationConfig`; defaults are MNIST's (1, 28, 10).
     """
 
@@ -86,8 +90,11 @@ class LeNet5Config(ImageClassificationConfig):
         num_channels: int = 1,
         image_size: int = 28,
         num_labels: int | None = None,
+        weight_init: str = "glorot_normal",
         **kwargs,
     ) -> None:
+        check_weight_init(type(self).__name__, weight_init)
+        self.weight_init = weight_init
         # Resolved here, not in the model, so the saved config states the geometry explicitly.
         if conv1_padding is None:
             conv1_padding = 2 if image_size == 28 else 0
@@ -128,7 +135,7 @@ class LeNet5ForImageClassification(ImageClassifierModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        _glorot_init(module)
+        init_weight_and_bias(module, self.config.weight_init)
 
     def compute_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(pixel_values)), 2)
