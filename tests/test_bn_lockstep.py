@@ -342,3 +342,21 @@ def test_cuda_graph_replay_keeps_per_arm_running_statistics(digits):
         _close(a.weights, b.weights, f"arm {i}, graph vs eager")
         assert int(a.weights["bn.num_batches_tracked"]) == steps
         assert a.history[-1]["validation"]["loss"] == pytest.approx(b.history[-1]["validation"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_on_cpu_at_a_tiny_size(tmp_path):
+    """benchmarks/bn_lockstep.py end to end (--tiny): both paths train every arm and the JSON holds the ratio."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bn_lockstep.py")
+    spec = importlib.util.spec_from_file_location("bn_lockstep_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bn.json"
+    result = module.main(["--device", "cpu", "--tiny", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["speedup"] == pytest.approx(result["trainer_seconds"] / result["lockstep_seconds"])
+    assert saved["arms"] == 2 and len(saved["lockstep_final_validation_loss"]) == 2
+    assert all(0 < loss < 10 for loss in saved["lockstep_final_validation_loss"])
