@@ -71,7 +71,7 @@ def require_folder(path: str, what: str = "folder") -> str:
         return path
     if os.path.exists(path):
         raise ValueError(f"{path} is a file, not a {what}: pass the {what} itself.")
-    raise MissingPathError(2, f"missing folder (no {what} at this path)", path)
+    raise MissingPathError(2, f"missing folder (not a {what}: nothing is at this path)", path)
 
 
 def in_hub_cache(repo_id: str, filename: str = "config.json", revision: Optional[str] = None) -> bool:
