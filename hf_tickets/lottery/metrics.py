@@ -79,3 +79,24 @@ def level_metrics(masks: MaskSet, history: list[dict], train_loss: float, steps:
             metrics["test_at_early_stop"] = dict(best.get("test", {}))
             metrics["final_test"] = dict(tested[-1]["test"])
     return metrics
+
+
+def data_record(source: Any, train_dataset: Any, eval_dataset: Any) -> dict[str, Any]:
+    """The data set as every level's metrics record it (`"data"`): name, source, which local copy, how the splits
+    were made (from `source`, a `hf_tickets.datasets_source.DataSource` or its dict; `load_splits` makes it and
+    `build_trainer` puts it on the trainer as `data_source`) and the split sizes, counted on the data sets the
+    levels actually train and evaluate on (after `max_train_samples` / `max_eval_samples` cuts)."""
+    if source is None:
+        record: dict[str, Any] = {"name": None, "source": "not recorded (data sets given to the trainer directly)"}
+    else:
+        record = dict(source.to_dict() if hasattr(source, "to_dict") else source)
+    sizes: dict[str, int] = {}
+    for split, dataset in [("train", train_dataset)] + (
+        list(eval_dataset.items()) if isinstance(eval_dataset, dict) else [("validation", eval_dataset)]
+    ):
+        try:
+            sizes[split] = len(dataset)
+        except TypeError:  # None, or an iterable data set without a length
+            continue
+    record["splits"] = sizes
+    return record

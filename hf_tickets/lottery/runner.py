@@ -8,7 +8,8 @@ so a run may mix them: a trunk trained by one and controls by the other.
 
 Before anything is trained or reused, the run's identity is checked (`identity.py`): a restart with other settings
 stops with the fields that differ. Each level's metrics.json records what determines it (the run identity, the
-masks and start weights it used, the backend) and the command that produced it.
+masks and start weights it used, the backend), the data set it trained on (`"data"`: name, source, split sizes) and
+the command that produced it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import save_model
 
 from ..allocation import random_masks_like
 from ..checkpoints import load_saved_weights
+from ..datasets_source import data_line
 from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
 from ..run_log import run_bar, run_console
@@ -46,6 +48,7 @@ from .layout import (
     rewind_point_dir,
 )
 from .lockstep import load_weights_
+from .metrics import data_record
 
 if TYPE_CHECKING:
     from .trainer_protocol import LotteryTrainer
@@ -129,6 +132,10 @@ class LotteryRunner:
         self.k = self._rewind_step()
         self.identity = run_identity(self.config, trainer.args, trainer.model, trainer.train_dataset)
         self.identity_sha256 = _json_digest(self.identity)
+        # what the levels train on (name, source, copy, split sizes): recorded, not part of the identity
+        self.data = data_record(
+            getattr(trainer, "data_source", None), trainer.train_dataset, getattr(trainer, "eval_dataset", None)
+        )
         self.template = _cpu_copy(trainer.model)
         self.level0_masks = trainer.masks
         self._weights_cache: dict[str, dict] = {}
@@ -199,6 +206,7 @@ class LotteryRunner:
         self._write_start_files(controls, writer)
         trainer.accelerator.wait_for_everyone()
         summary = RunSummary()
+        logger.info("data: %s", data_line(self.data))
         masks = [self._level0_masks(r) for r in range(self.replicates)]
         top = self.config.num_levels() if train_trunk else max(wanted, default=0)
         planned = self.replicates * ((top + 1 if train_trunk else 0) + len(controls) * len(wanted))
@@ -294,6 +302,7 @@ class LotteryRunner:
             "config_hash": self.config.hashname(),
             "produced_by": self.command,
             "identity": {"run_sha256": self.identity_sha256, "masks_sha256": tensors_digest(sorted(masks.items()))},
+            "data": self.data,
         }
 
     def _trunk_arm(self, r: int, level: int, masks: MaskSet) -> Arm:
