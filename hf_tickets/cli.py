@@ -255,9 +255,12 @@ def _cmd_stability(opts: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
     parser = argparse.ArgumentParser(
         prog="hf-tickets", description="Lottery tickets and sparse training for transformers."
     )
+    parser.add_argument("--version", action="version", version=f"hf-tickets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe (YAML) end to end")
     run.add_argument("recipe", help="recipe file, or a name under recipes/ such as quickstart_digits")

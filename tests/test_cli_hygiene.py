@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +147,56 @@ def test_offline_mode_and_an_uncached_model_fail_at_once(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["inspect", "someone/not-a-cached-repo"]) == 1
     assert "HF offline mode is set" in capsys.readouterr().err
+
+
+# ---- a fast --help: the package import is lazy; --version
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=600
+    )
+
+
+def test_cli_import_pulls_in_neither_the_trainer_nor_torch():
+    code = (
+        "import sys, hf_tickets.cli\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'transformers.trainer') if m in sys.modules))"
+    )
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_help_and_version_are_fast(capsys):
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "from hf_tickets.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('SECONDS', time.perf_counter() - t)"
+    )
+    result = python(code)
+    assert "usage: hf-tickets" in result.stdout and "run" in result.stdout
+    assert float(result.stdout.split("SECONDS")[-1]) < 1.5
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    from hf_tickets import __version__
+
+    assert capsys.readouterr().out.strip() == f"hf-tickets {__version__}"
+
+
+def test_lazy_package_still_registers_models_and_methods():
+    """`import hf_tickets` registers the reference CNNs once transformers' Auto classes load (no explicit import of
+    hf_tickets.models), and a SparsityConfig reached through hf_tickets.config knows the built-in methods."""
+    code = (
+        "import sys, hf_tickets\n"
+        "from transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('lenet_300_100')).__name__)\n"
+        "from hf_tickets.config import SparsityConfig\n"
+        "print(SparsityConfig(method='imp', prune_fraction=0.2, levels=1).method)\n"
+        "print(hf_tickets.TicketTrainer.__name__, 'hf_tickets.trainer' in sys.modules)"
+    )
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LeNet300100Config", "imp", "TicketTrainer", "True"]
