@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every accelerate config in recipes/accelerate/ launched once on ONE GPU (issue 17): single_gpu, ddp, fsdp2,
+# deepspeed_zero2 with one process (--num_processes 1 overrides the configs' 2; DDP and FSDP2 with one process still
+# run their code paths: DDP wrapping, DTensor parameters), deepspeed_zero3 (must be refused), cpu_multiprocess (two
+# CPU processes, gloo). Each mode trains BERT-base (random init) with plain Trainer and with TicketTrainer
+# (magnitude 50%) for a few steps: zero leaks asserted, step-time ratio printed. A failing mode is recorded and the
+# script goes on. Everything lands in $OUT (default runs/gpu_accelerate_configs); summary in $OUT/summary.txt.
+#
+#   bash scripts/gpu_accelerate_configs.sh                 # GPU machine; needs < 8 minutes
+#   SIZE=tiny MODES="cpu_multiprocess" bash scripts/gpu_accelerate_configs.sh   # what runs on a CPU machine
+#
+# DeepSpeed: installed from build/whl when missing (pip download/wheel there beforehand: deepspeed and its deps).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_accelerate_configs}
+SIZE=${SIZE:-base}
+STEPS=${STEPS:-30}
+MODES=${MODES:-"single_gpu ddp fsdp2 deepspeed_zero2 deepspeed_zero3 cpu_multiprocess"}
+PER_MODE_TIMEOUT=${PER_MODE_TIMEOUT:-100}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+START=$(date +%s)
+
+if [[ "$MODES" == *deepspeed* ]] && ! $PY -c "import deepspeed" 2>/dev/null; then
+  if ls build/whl/deepspeed-*.whl >/dev/null 2>&1; then
+    DS_BUILD_OPS=0 $PY -m pip install -q --no-index --find-links build/whl deepspeed > "$OUT/deepspeed_install.log" 2>&1 \
+      || echo "deepspeed install failed: see $OUT/deepspeed_install.log"
+  else
+    echo "deepspeed is not installed and build/whl has no wheel: the DeepSpeed modes will fail (recorded)"
+  fi
+fi
+
+: > "$OUT/summary.txt"
+for mode in $MODES; do
+  config="recipes/accelerate/$mode.yaml"
+  extra=()
+  launch=(--num_processes 1)
+  case "$mode" in
+    deepspeed_zero3) extra=(--expect-refusal) ;;
+    fsdp2) launch+=(--fsdp_transformer_layer_cls_to_wrap BertLayer) ;;
+    cpu_multiprocess) launch=(--num_processes 2) ;;  # CPU processes: the test config's own two
+  esac
+  env_prefix=()
+  [[ "$mode" == cpu_multiprocess ]] && env_prefix=(env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4)
+  size=$SIZE; [[ "$mode" == cpu_multiprocess ]] && size=tiny  # BERT-base on CPU processes would not fit the budget
+  echo "== $mode ($config, ${launch[*]}, size $size)"
+  t0=$(date +%s)
+  "${env_prefix[@]}" timeout "$PER_MODE_TIMEOUT" $PY -m accelerate.commands.launch --config_file "$config" "${launch[@]}" \
+      scripts/accelerate_mode_check.py --mode "$mode" --out "$OUT" --size "$size" --steps "$STEPS" "${extra[@]}" \
+      > "$OUT/$mode.log" 2>&1
+  rc=$?
+  t1=$(date +%s)
+  if [[ -f "$OUT/$mode.json" ]]; then
+    line=$($PY - "$OUT/$mode.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if "refused" in r:
+    print(f"refused: {r['refused'][:140]}")
+else:
+    t = r["ticket"]
+    print(f"ranks {r['world_size']}  leaks {t['leaks']}  master_leaks {t['master_leaks']}  "
+          f"ticket {t['step_s_median']*1e3:.1f} ms/step  trainer {r['trainer']['step_s_median']*1e3:.1f} ms/step  "
+          f"ratio {r['ratio_ticket_vs_trainer']:.3f}")
+PY
+)
+  else
+    line="no result (see $OUT/$mode.log): $(tail -n 3 "$OUT/$mode.log" | tr '\n' ' ' | cut -c1-300)"
+  fi
+  status=$([[ $rc == 0 ]] && echo OK || echo "FAILED rc=$rc")
+  echo "$mode: $status in $((t1 - t0)) s; $line" | tee -a "$OUT/summary.txt"
+done
+echo "total $(( $(date +%s) - START )) s" | tee -a "$OUT/summary.txt"
