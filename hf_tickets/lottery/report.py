@@ -2,13 +2,18 @@
 
 A run with replicates gets one report per replicate (in its folder) and, at the run's root, one that gives each
 level's mean and spread over the replicates for the ticket and each control (`aggregate_replicates`).
+
+Two judgements are made here and nowhere else: which levels are winning tickets (`winning_ticket_levels`: pruned
+levels within `tolerance` of the dense level 0, which is the reference and never a ticket itself), and whether the
+ticket beats a control by more than the evaluation split's noise (`margin_over_control`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -45,22 +50,138 @@ def score(metrics: dict) -> tuple[Optional[float], str]:
     return None, "none"
 
 
+def winning_ticket_levels(scores: Mapping[int, Optional[float]], tolerance: float) -> list[int]:
+    """The report's definition of a winning ticket: a pruned level whose score is at least the dense level's minus
+    `tolerance`. Level 0 is the dense network the others are judged against, so it is never listed; without a dense
+    score nothing is. Levels without a score are not tickets.
+
+    Args:
+        scores: score per IMP level (level 0 = dense), e.g. test accuracy at the early-stop step.
+        tolerance: how far below dense a ticket may score (0.01 = one accuracy point).
+    """
+    dense = scores.get(0)
+    if dense is None:
+        return []
+    return sorted(
+        level for level, value in scores.items() if level > 0 and value is not None and value >= dense - tolerance
+    )
+
+
+# Two-sided 95%: the margin must exceed 1.96 standard errors of the difference of two accuracies.
+NOISE_Z = 1.96
+
+
+def margin_over_control(ticket: float, control: float, n: Optional[int], z: float = NOISE_Z) -> dict[str, Any]:
+    """How far the ticket's accuracy is above a control's, and whether that is more than the evaluation split's noise.
+
+    Why this criterion: both accuracies are measured on the same `n` examples, so each carries a binomial error of
+    sqrt(p(1-p)/n). The margin counts as real when it exceeds `z` standard errors of the difference of two independent
+    proportions, sqrt(p_t(1-p_t)/n + p_c(1-p_c)/n) (a two-proportion z-test; treating the two models' errors as
+    independent overstates the noise of a paired comparison, so the test is conservative).
+
+    Args:
+        ticket, control: accuracies in [0, 1].
+        n: examples in the split both were scored on; None when unknown (then only the points are given).
+        z: standard errors required (1.96: two-sided 95%).
+
+    Returns:
+        `points` (ticket - control, in accuracy points), and with `n`: `examples` (the difference in examples),
+        `needed_examples` (the smallest whole number of examples beyond the noise), `n` and `beyond_noise`.
+    """
+    out: dict[str, Any] = {"points": 100.0 * (ticket - control)}
+    if n is None or n <= 0:
+        return out
+    se = math.sqrt((ticket * (1 - ticket) + control * (1 - control)) / n)
+    out.update(
+        examples=int(round((ticket - control) * n)),
+        needed_examples=int(math.floor(z * se * n)) + 1,
+        n=int(n),
+        beyond_noise=bool(ticket - control > z * se),
+    )
+    return out
+
+
+def scored_split_size(rows: list[dict], scored_by: str) -> Optional[int]:
+    """Examples in the split the levels were scored on (test for `test_*`, else validation), from the data record
+    every level's metrics carry (`data.splits`); None when no level records it."""
+    split = "test" if scored_by.startswith(("test", "final_test")) else "validation"
+    for row in rows:
+        size = ((row.get("data") or {}).get("splits") or {}).get(split)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+def control_margins(
+    ticket_scores: Mapping[int, Optional[float]],
+    control_scores: Mapping[str, Mapping[int, Optional[float]]],
+    n: Optional[int],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`margin_over_control` of the ticket over each control at every level where both have a score, keyed by level
+    (as a string, like the JSON) then control kind."""
+    margins: dict[str, dict[str, dict[str, Any]]] = {}
+    for level in sorted(ticket_scores):
+        ticket = ticket_scores[level]
+        for kind, by_level in control_scores.items():
+            control = by_level.get(level)
+            if ticket is not None and control is not None:
+                margins.setdefault(str(level), {})[kind] = margin_over_control(ticket, control, n)
+    return margins
+
+
+def summary_lines(report: dict, last_levels: int = 2) -> list[str]:
+    """The end of a run's summary in words: the winning-ticket levels by `winning_ticket_levels` (the dense level 0
+    excluded), and the ticket's margin over each control at the last `last_levels` levels that have controls, in
+    examples of the scored split with the margin `margin_over_control` needs to be beyond that split's noise."""
+    levels = report.get("winning_ticket_levels") or []
+    lines = [
+        f"winning-ticket levels (pruned levels within {report['tolerance']:g} of the dense level 0's accuracy): "
+        + (", ".join(map(str, levels)) if levels else "none")
+    ]
+    margins = report.get("control_margins") or {}
+    shown = sorted(margins, key=int)[-last_levels:] if last_levels > 0 else []
+    if not shown:
+        return lines
+    remaining = {
+        row["level"]: row["remaining_weights_pct"] for row in report.get("trunk") or report.get("levels") or []
+    }
+    n = next((m["n"] for level in shown for m in margins[level].values() if "n" in m), None)
+    split = "test" if str(report.get("scored_by", "")).startswith(("test", "final_test")) else "validation"
+    lines.append(
+        f"ticket minus control at the last levels, in examples of the {n}-example {split} split (beyond noise: "
+        f"more than {NOISE_Z} standard errors of the difference, two-proportion z-test):"
+        if n
+        else "ticket minus control at the last levels, in accuracy points (split size not recorded):"
+    )
+    for level in shown:
+        cells = []
+        for kind, m in margins[level].items():
+            if "examples" in m:
+                verdict = "beyond noise" if m["beyond_noise"] else "within noise"
+                cells.append(f"{kind} {m['examples']:+d} ({verdict}: >= +{m['needed_examples']} needed)")
+            else:
+                cells.append(f"{kind} {m['points']:+.2f} points")
+        left = remaining.get(int(level))
+        where = f"level {int(level):>2}" + (f" ({left:.2f}% of weights left)" if left is not None else "")
+        lines.append(f"  {where}: " + ", ".join(cells))
+    return lines
+
+
 def write_report(root: str, tolerance: float = 0.01) -> dict[str, Any]:
     """Summarise a trunk (and controls next to it) into `<root>/imp_report.json` and the PNG plots.
 
     Args:
         tolerance: a pruned level is a winning ticket when its accuracy is at least dense accuracy - tolerance (the
-            dense level itself is not a ticket).
+            dense level itself is not a ticket; see `winning_ticket_levels`).
     """
     trunk = _levels(root)
     controls = {kind: _levels(control_dir(root, kind)) for kind in CONTROL_KINDS}
     dense = next((row for row in trunk if row.get("level") == 0), None)
     dense_score = score(dense)[0] if dense else None
-    winning = []
-    if dense_score is not None:
-        winning = [
-            row["level"] for row in trunk if row["level"] > 0 and (score(row)[0] or -1.0) >= dense_score - tolerance
-        ]
+    scored_by = score(dense)[1] if dense else "none"
+    ticket_scores = {row["level"]: score(row)[0] for row in trunk}
+    winning = winning_ticket_levels(ticket_scores, tolerance)
+    control_scores = {kind: {row.get("trunk_level"): score(row)[0] for row in rows} for kind, rows in controls.items()}
     gaps = {}
     reinit_by_level = {row.get("trunk_level"): row for row in controls["reinit"]}
     for row in trunk:
@@ -69,13 +190,14 @@ def write_report(root: str, tolerance: float = 0.01) -> dict[str, Any]:
             gaps[str(row["level"])] = score(row)[0] - score(other)[0]
     report = {
         "dense_accuracy": dense_score,
-        "scored_by": score(dense)[1] if dense else "none",
+        "scored_by": scored_by,
         "tolerance": tolerance,
         "winning_ticket_levels": winning,
         "sparsest_winning_ticket_remaining_pct": min(
             (row["remaining_weights_pct"] for row in trunk if row["level"] in winning), default=None
         ),
         "rewind_vs_reinit_gap": gaps,
+        "control_margins": control_margins(ticket_scores, control_scores, scored_split_size(trunk, scored_by)),
         "trunk": trunk,
         "controls": {kind: rows for kind, rows in controls.items() if rows},
     }
@@ -100,8 +222,8 @@ def spread(values: list[float]) -> dict[str, Any]:
 def aggregate_replicates(reports: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
     """One report over replicate reports: per level, mean and spread of the ticket's and each control's score.
 
-    Winning-ticket levels are judged on the means (a pruned level whose mean is within `tolerance` of the dense
-    level's mean)."""
+    Winning-ticket levels are judged on the means (`winning_ticket_levels`: a pruned level whose mean is within
+    `tolerance` of the dense level's mean), and so are the margins over the controls (`control_margins`)."""
     arms: dict[str, dict[int, list[dict]]] = {"ticket": {}}
     for report in reports:
         for row in report["trunk"]:
@@ -124,17 +246,16 @@ def aggregate_replicates(reports: list[dict], tolerance: float = 0.01) -> dict[s
                     entry["early_stop_step"] = spread(stops)
         levels.append(entry)
     dense = next((e["ticket"]["mean"] for e in levels if e["level"] == 0 and "ticket" in e), None)
-    winning = []
-    if dense is not None:
-        winning = [
-            e["level"] for e in levels if e["level"] > 0 and e.get("ticket", {}).get("mean", -1) >= dense - tolerance
-        ]
+    means = {arm: {e["level"]: e[arm]["mean"] for e in levels if arm in e} for arm in arms}
+    scored_by = reports[0]["scored_by"] if reports else "none"
+    n = scored_split_size([row for report in reports for row in report["trunk"]], scored_by)
     return {
         "replicates": len(reports),
-        "scored_by": reports[0]["scored_by"] if reports else "none",
+        "scored_by": scored_by,
         "tolerance": tolerance,
         "dense_accuracy": dense,
-        "winning_ticket_levels": winning,
+        "winning_ticket_levels": winning_ticket_levels(means["ticket"], tolerance),
+        "control_margins": control_margins(means["ticket"], {k: v for k, v in means.items() if k != "ticket"}, n),
         "levels": levels,
     }
 
