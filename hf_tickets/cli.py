@@ -30,9 +30,11 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     _check_pretrained(recipe)
     command = "hf-tickets run " + " ".join(shlex.quote(a) for a in [path, *opts.overrides])
     recipe.setdefault("ticket", {}).setdefault("command", command)
-    data_name = str(recipe.get("data", {}).get("name") or "")
-    if "/" in data_name and not data_name.startswith("sklearn/"):  # a Hub data set: the card's `datasets`
-        recipe["ticket"].setdefault("datasets", [data_name])
+    from .data import hub_dataset_id
+
+    hub_id = hub_dataset_id(str(recipe.get("data", {}).get("name") or ""))
+    if hub_id:  # a Hub data set (aliases resolved; not a local folder, not sklearn's digits): the card's `datasets`
+        recipe["ticket"].setdefault("datasets", [hub_id])
     with quiet_progress_bars(), _bar_safe_logging(opts.progress):  # no save bars; log lines above the run's bar
         summary = run_recipe(recipe, trust_remote_code=opts.trust_remote_code)
     report = summary.get("report")
@@ -63,7 +65,7 @@ def _mean_std(stats: Optional[dict]) -> str:
 
 def _print_run(output_dir: str, report: dict, trained: list, reused: list) -> None:
     """The run's table: per level, the ticket and each control (mean ± std over replicates when there are several)."""
-    from .lottery.report import score
+    from .lottery.report import score, summary_lines
 
     print(f"\nIMP run in {output_dir} (accuracy = {report['scored_by']})")
     if reused:
@@ -92,7 +94,7 @@ def _print_run(output_dir: str, report: dict, trained: list, reused: list) -> No
                     f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
                     f"accuracy {acc_text}"
                 )
-    print(f"winning-ticket levels (within {report['tolerance']} of dense): {report['winning_ticket_levels']}")
+    print("\n".join(summary_lines(report)))  # winning tickets (level 0 excluded); margins over the controls
 
 
 def _cmd_inspect(opts: argparse.Namespace) -> int:

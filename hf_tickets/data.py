@@ -347,6 +347,17 @@ def load_splits(
         raise FileNotFoundError(f"{err} The Hub was not reachable either: {reason}") from (hub_error or err)
 
 
+def hub_dataset_id(name: str) -> str | None:
+    """The Hub id a data set name stands for (aliases resolved), or None for a local-only set or a local path: what
+    a card's `datasets` metadata may name."""
+    key = _known_key(name) if name else None
+    if key is not None:
+        return _SPECS[key].hub_name
+    if not name or _looks_like_path(name) or os.path.exists(os.path.expanduser(name)):
+        return None
+    return name.strip()
+
+
 def _known_key(name: str) -> str | None:
     key = DATASET_ALIASES.get(name.strip().lower(), name.strip().lower())
     return key if key in _SPECS else None

@@ -399,3 +399,13 @@ def test_smoke_copy_run_says_so_in_metrics_report_and_card(tmp_path, capsys):
     assert "**Warning: not the real data set.**" in card
     assert "Trained on 12 images of a smoke-test copy of uoft-cs/cifar10" in card
     assert "model-index" not in card  # no accuracy claimed on CIFAR-10 from 4 test images
+
+
+def test_hub_dataset_id_names_only_hub_sets(tmp_path):
+    """What `hf-tickets run` puts in the card's `datasets` metadata: Hub ids, never a local folder."""
+    from hf_tickets.data import hub_dataset_id
+
+    assert hub_dataset_id("mnist") == "ylecun/mnist" and hub_dataset_id("cifar10") == "uoft-cs/cifar10"
+    assert hub_dataset_id("someone/pets") == "someone/pets"
+    for local in ("digits", "sklearn/digits", str(tmp_path), "./data/x", "reviews.csv", ""):
+        assert hub_dataset_id(local) is None, local
