@@ -12,8 +12,9 @@ two things must hold as soon as the package is imported:
   is imported, which registers them (config itself imports no method: a layering rule).
 
 Importing the package installs one import hook that does this (and removes itself when both are done); what is
-already loaded when hf_tickets is imported is handled at once. An action waits while another of its trigger modules
-is still half-loaded; the outermost one runs it when it finishes.
+already loaded when hf_tickets is imported is handled at once. An action waits while a module it depends on is still
+half-loaded (transformers' Auto modules; for the methods, any hf_tickets module): it runs when the outermost one
+finishes.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ import importlib.abc
 import sys
 from typing import Optional
 
-# module to import -> the modules whose loading calls for it
-_ACTIONS: dict[str, tuple[str, ...]] = {
+# module to import -> (the modules whose loading calls for it, the package none of whose modules may be half-loaded)
+_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    # hf_tickets.models imports nothing of hf_tickets: only transformers' Auto modules must be whole
     "hf_tickets.models": (
-        "transformers.models.auto.configuration_auto",
-        "transformers.models.auto.modeling_auto",
-        "transformers.modeling_utils",
+        (
+            "transformers.models.auto.configuration_auto",
+            "transformers.models.auto.modeling_auto",
+            "transformers.modeling_utils",
+        ),
+        "transformers.models.auto.",
     ),
-    "hf_tickets.methods": ("hf_tickets.config",),
+    # the methods import most of hf_tickets: wait until no hf_tickets module is half-loaded
+    "hf_tickets.methods": (("hf_tickets.config",), "hf_tickets."),
 }
-_TRIGGERS = {trigger: target for target, triggers in _ACTIONS.items() for trigger in triggers}
 
 
 def _loading(name: str) -> bool:
@@ -45,20 +50,32 @@ def _pending() -> list[str]:
     return [target for target in _ACTIONS if target not in sys.modules]
 
 
-def _run(target: str, just_loaded: Optional[str] = None) -> None:
-    """Import `target` unless it is imported already or another of its triggers is still half-loaded."""
-    if target in sys.modules or any(_loading(t) for t in _ACTIONS[target] if t != just_loaded):
-        return
-    importlib.import_module(target)
+def _ready(target: str, just_loaded: Optional[str]) -> bool:
+    """A trigger of `target` is loaded, and nothing it depends on is half-loaded (`just_loaded` has finished)."""
+    triggers, package = _ACTIONS[target]
+    if not any(t in sys.modules and (t == just_loaded or not _loading(t)) for t in triggers):
+        return False
+    busy = [n for n in list(sys.modules) if n != just_loaded and (n in triggers or n.startswith(package))]
+    return not any(_loading(n) for n in busy)
+
+
+def _run_ready(just_loaded: Optional[str] = None) -> None:
+    for target in _pending():
+        if _ready(target, just_loaded):
+            importlib.import_module(target)
     if not _pending():
         _uninstall()
 
 
+def _watched(name: str) -> bool:
+    return any(name in triggers or name.startswith(package) for triggers, package in _ACTIONS.values())
+
+
 class _AfterImportHook(importlib.abc.MetaPathFinder):
-    """Wraps the loader of each trigger module so that its action runs right after the module executes."""
+    """Wraps the loader of each watched module so that the actions are tried right after the module executes."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _TRIGGERS or _TRIGGERS[fullname] in sys.modules:
+        if not _watched(fullname):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -75,7 +92,7 @@ class _AfterImportHook(importlib.abc.MetaPathFinder):
 
         def exec_then_run(module):
             exec_module(module)
-            _run(_TRIGGERS[fullname], just_loaded=fullname)
+            _run_ready(just_loaded=fullname)
 
         loader.exec_module = exec_then_run  # this module's own loader instance only
         return spec
@@ -91,8 +108,6 @@ def _uninstall() -> None:
 
 def install() -> None:
     """Run the actions whose triggers are loaded already; hook the rest."""
-    for target, triggers in _ACTIONS.items():
-        if any(t in sys.modules and not _loading(t) for t in triggers):
-            _run(target)
+    _run_ready()
     if _pending() and _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)

@@ -24,6 +24,7 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     from .run_log import quiet_progress_bars, set_console
 
     set_console(step_logs=opts.log_steps, progress_bar=opts.progress)
+    _pick_threads()
 
     path = default_recipe_path(opts.recipe)
     recipe = load_recipe(path, opts.overrides)
@@ -59,8 +60,13 @@ def _check_pretrained(recipe: dict) -> None:
         )
 
 
+def _pct(value: Optional[float]) -> str:
+    """An accuracy in [0, 1] as a percentage with 2 decimals ("n/a" when missing)."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def _mean_std(stats: Optional[dict]) -> str:
-    return "" if stats is None else f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
+    return "" if stats is None else f"{_pct(stats['mean'])} ± {100 * stats['std']:.2f} (n={stats['n']})"
 
 
 def _print_run(output_dir: str, report: dict, trained: list, reused: list) -> None:
@@ -83,13 +89,11 @@ def _print_run(output_dir: str, report: dict, trained: list, reused: list) -> No
         print(f"{'level':>5} {'remaining %':>12} {'accuracy':>9}")
         for row in report["trunk"]:
             acc = score(row)[0]
-            print(
-                f"{row['level']:>5} {row['remaining_weights_pct']:>12.2f} {'n/a' if acc is None else f'{acc:.4f}':>9}"
-            )
+            print(f"{row['level']:>5} {row['remaining_weights_pct']:>12.2f} {_pct(acc):>9}")
         for kind, rows in report["controls"].items():
             for row in rows:
                 acc = score(row)[0]
-                acc_text = "n/a" if acc is None else f"{acc:.4f}"
+                acc_text = _pct(acc)
                 print(
                     f"{kind:>12} @ level {row['trunk_level']}: {row['remaining_weights_pct']:.2f}% remaining, "
                     f"accuracy {acc_text}"
@@ -332,6 +336,17 @@ def _show_progress() -> None:
         handler.setFormatter(logging.Formatter("hf_tickets: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def _pick_threads() -> None:
+    """Small models train fastest on one CPU thread: the default when OMP_NUM_THREADS is unset (said once)."""
+    import logging
+
+    from .cpu_threads import pick_cpu_threads
+
+    line = pick_cpu_threads()
+    if line:
+        logging.getLogger("hf_tickets").info(line)
 
 
 def _bar_safe_logging(bar: bool):

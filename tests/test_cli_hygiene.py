@@ -34,10 +34,25 @@ def tiny(output_dir, levels: int = 2) -> list[str]:
     ]
 
 
-def test_step_dicts_go_to_the_log_file_and_progress_lines_to_the_console(tmp_path, capfd):
+@pytest.fixture
+def torch_threads():
+    """Restores torch's thread count after a test that changes it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+def test_step_dicts_go_to_the_log_file_and_progress_lines_to_the_console(tmp_path, capfd, monkeypatch, torch_threads):
     out = tmp_path / "run"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # unset: the CLI picks the small-model thread count
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    torch_threads.set_num_threads(2)
     assert main(["run", QUICKSTART, *tiny(out)]) == 0
+    assert torch_threads.get_num_threads() == 1
     console = capfd.readouterr()
+    assert console.err.count("using 1 CPU thread (torch's default here: 2") == 1  # said once
     both = console.out + console.err
     # one progress line per finished arm-level: level i/N, arm and replicate, arm-levels done of planned
     for line in ("level 0/2 trunk[0]", "level 1/2 trunk[0]", "level 2/2 trunk[0]", "level 2/2 reinit[0]"):
@@ -69,6 +84,21 @@ def test_log_steps_puts_the_step_dicts_back_on_the_console(tmp_path, capfd):
     console = capfd.readouterr()
     assert "'loss'" in console.out + console.err
     assert (out / STEP_LOG_NAME).is_file()  # written either way
+
+
+# ---- threads: picked only when the user set none
+
+
+def test_threads_are_picked_only_when_unset(torch_threads):
+    from hf_tickets.cpu_threads import SMALL_MODEL_THREADS, pick_cpu_threads
+
+    torch_threads.set_num_threads(2)
+    assert pick_cpu_threads({"OMP_NUM_THREADS": "2"}) is None and torch_threads.get_num_threads() == 2
+    assert pick_cpu_threads({"MKL_NUM_THREADS": "3"}) is None and torch_threads.get_num_threads() == 2
+    line = pick_cpu_threads({})
+    assert torch_threads.get_num_threads() == SMALL_MODEL_THREADS
+    assert line.startswith(f"using {SMALL_MODEL_THREADS} CPU thread") and "OMP_NUM_THREADS" in line
+    assert pick_cpu_threads({}) is None  # already there: nothing to say
 
 
 # ---- paths: a missing local path is a missing folder (exit 2), never a Hub request; wrong-kind folders are refused

@@ -32,6 +32,7 @@ from ..datasets_source import data_line
 from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
 from ..run_log import run_bar, run_console
+from ..run_log import run_bar, run_console
 from .arms import Arm, masked_copy_digest
 from .identity import check_identity, run_identity, tensors_digest
 from .layout import (
@@ -438,6 +439,8 @@ class Progress:
         self.trained_here += 1
         if self.bar is not None:
             self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
         elapsed = time.monotonic() - self.started
         left = elapsed / self.trained_here * (self.planned - self.done)
         accuracy = score(metrics)[0]
@@ -447,7 +450,7 @@ class Progress:
             self.levels,
             arm.kind,
             arm.replicate,
-            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            "n/a" if accuracy is None else f"{100 * accuracy:.2f}%",
             metrics.get("remaining_weights_pct", 100.0),
             self.done,
             self.planned,
