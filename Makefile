@@ -20,9 +20,10 @@ $(BIN)/.installed: pyproject.toml scripts/install_offline_data.sh
 
 install: $(BIN)/.installed
 
-## Main job: IMP with late rewinding + both LTH controls on the embedded digits set; ends in runs/quickstart/ticket
+## Main job: IMP with late rewinding + both LTH controls on the embedded digits set; ends in runs/quickstart/ticket.
+## backend=lockstep trains each level's ticket and controls in one pass (the recipe's header says why)
 quickstart: install
-	$(BIN)/hf-tickets run recipes/quickstart_digits.yaml
+	$(BIN)/hf-tickets run recipes/quickstart_digits.yaml backend=lockstep
 
 ## Layering contracts (pyproject [tool.importlinter]), then the test suite (slow and GPU tests are deselected; run
 ## them with `make test-slow` / `pytest -m gpu`)
