@@ -77,7 +77,6 @@ def train(kind: str, args: argparse.Namespace) -> dict:
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
-        bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         seed=0,
