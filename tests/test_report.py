@@ -10,6 +10,7 @@ from hf_tickets.lottery.layout import METRICS_NAME, control_dir, level_dir
 from hf_tickets.lottery.report import (
     aggregate_replicates,
     margin_over_control,
+    summary_lines,
     winning_ticket_levels,
     write_report,
 )
@@ -62,6 +63,16 @@ def test_report_of_a_run_excludes_level_0_and_gives_margins_in_test_images(tmp_p
     }
     assert "0" not in report["control_margins"]  # the dense level has no controls
 
+    lines = summary_lines(report)
+    assert lines[0] == "winning-ticket levels (pruned levels within 0.01 of the dense level 0's accuracy): 1, 2"
+    assert "300-example test split" in lines[1]
+    assert lines[2].startswith("  level  2 (25.00% of weights left): reinit +6 (within noise: >= +")
+    assert lines[3] == (
+        "  level  3 (12.50% of weights left): reinit +24 (beyond noise: >= +15 needed), "
+        "random_prune +219 (beyond noise: >= +17 needed)"  # 1.96 * sqrt((.93*.07 + .2*.8) / 300) * 300 = 16.1
+    )
+    assert len(lines) == 4  # the last two levels only
+
 
 @pytest.mark.parametrize(
     "right_ticket, right_control, n, examples, needed",
@@ -84,6 +95,18 @@ def test_margin_beyond_noise_is_a_two_proportion_z_test(right_ticket, right_cont
 
 def test_margin_without_a_split_size_gives_points_only():
     assert margin_over_control(0.9, 0.8, None) == {"points": pytest.approx(10.0)}
+    report = {
+        "tolerance": 0.01,
+        "winning_ticket_levels": [],
+        "scored_by": "best_eval.accuracy",
+        "trunk": [{"level": 1, "remaining_weights_pct": 80.0}],
+        "control_margins": {"1": {"reinit": margin_over_control(0.9, 0.8, None)}},
+    }
+    assert summary_lines(report) == [
+        "winning-ticket levels (pruned levels within 0.01 of the dense level 0's accuracy): none",
+        "ticket minus control at the last levels, in accuracy points (split size not recorded):",
+        "  level  1 (80.00% of weights left): reinit +10.00 points",
+    ]
 
 
 def test_aggregate_judges_means_and_excludes_level_0():

@@ -101,10 +101,15 @@ def margin_over_control(ticket: float, control: float, n: Optional[int], z: floa
     return out
 
 
+def scored_split(scored_by: str) -> str:
+    """The split a report's `scored_by` (see `score`) refers to: "test" or "validation"."""
+    return "test" if scored_by.startswith(("test", "final_test")) else "validation"
+
+
 def scored_split_size(rows: list[dict], scored_by: str) -> Optional[int]:
-    """Examples in the split the levels were scored on (test for `test_*`, else validation), from the data record
-    every level's metrics carry (`data.splits`); None when no level records it."""
-    split = "test" if scored_by.startswith(("test", "final_test")) else "validation"
+    """Examples in the split the levels were scored on, from the data record every level's metrics carry
+    (`data.splits`); None when no level records it."""
+    split = scored_split(scored_by)
     for row in rows:
         size = ((row.get("data") or {}).get("splits") or {}).get(split)
         if isinstance(size, int) and size > 0:
@@ -146,7 +151,7 @@ def summary_lines(report: dict, last_levels: int = 2) -> list[str]:
         row["level"]: row["remaining_weights_pct"] for row in report.get("trunk") or report.get("levels") or []
     }
     n = next((m["n"] for level in shown for m in margins[level].values() if "n" in m), None)
-    split = "test" if str(report.get("scored_by", "")).startswith(("test", "final_test")) else "validation"
+    split = scored_split(str(report.get("scored_by", "")))
     lines.append(
         f"ticket minus control at the last levels, in examples of the {n}-example {split} split (beyond noise: "
         f"more than {NOISE_Z} standard errors of the difference, two-proportion z-test):"
