@@ -86,6 +86,20 @@ def test_log_steps_puts_the_step_dicts_back_on_the_console(tmp_path, capfd):
     assert (out / STEP_LOG_NAME).is_file()  # written either way
 
 
+def test_run_bar_only_when_asked_for_and_on_a_terminal(monkeypatch):
+    from hf_tickets import run_log
+
+    monkeypatch.setattr(run_log, "_OPTIONS", run_log.ConsoleOptions())
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert run_log.run_bar(5) is None  # not asked for
+    run_log.set_console(progress_bar=True)
+    bar = run_log.run_bar(5)
+    assert bar is not None and bar.total == 5
+    bar.close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert run_log.run_bar(5) is None  # a log file or CI: no bar
+
+
 # ---- threads: picked only when the user set none
 
 
