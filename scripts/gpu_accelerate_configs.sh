@@ -9,20 +9,23 @@
 #   bash scripts/gpu_accelerate_configs.sh                 # GPU machine; needs < 8 minutes
 #   SIZE=tiny MODES="cpu_multiprocess" bash scripts/gpu_accelerate_configs.sh   # what runs on a CPU machine
 #
-# DeepSpeed: installed from build/whl when missing (pip download/wheel there beforehand: deepspeed and its deps).
+# DeepSpeed: installed from build/whl when missing on a GPU machine (build/whl holds deepspeed 0.19.8, built with
+# DS_BUILD_OPS=0, and its dependencies for Python 3.10-3.13: pip install --no-index --find-links build/whl deepspeed).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_accelerate_configs}
 SIZE=${SIZE:-base}
 STEPS=${STEPS:-30}
 MODES=${MODES:-"single_gpu ddp fsdp2 deepspeed_zero2 deepspeed_zero3 cpu_multiprocess"}
-PER_MODE_TIMEOUT=${PER_MODE_TIMEOUT:-100}
+PER_MODE_TIMEOUT=${PER_MODE_TIMEOUT:-75}  # 6 modes x 75 s stays under the 8-minute budget
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
 
-if [[ "$MODES" == *deepspeed* ]] && ! $PY -c "import deepspeed" 2>/dev/null; then
+# Only on a GPU machine (the lead's H200 image), never into a CPU development environment.
+if [[ "$MODES" == *deepspeed* ]] && ! $PY -c "import deepspeed" 2>/dev/null \
+   && $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   if ls build/whl/deepspeed-*.whl >/dev/null 2>&1; then
     DS_BUILD_OPS=0 $PY -m pip install -q --no-index --find-links build/whl deepspeed > "$OUT/deepspeed_install.log" 2>&1 \
       || echo "deepspeed install failed: see $OUT/deepspeed_install.log"
