@@ -86,7 +86,9 @@ def train(kind: str, args: argparse.Namespace) -> dict:
     if kind == "trainer":
         trainer = Trainer(**common, callbacks=[timer])
     else:
-        trainer = TicketTrainer(**common, callbacks=[timer], sparsity_config=SparsityConfig(method="magnitude", sparsity=0.5))
+        trainer = TicketTrainer(
+            **common, callbacks=[timer], sparsity_config=SparsityConfig(method="magnitude", sparsity=0.5)
+        )
     trainer.train()
     steady = timer.times[args.warmup :] or timer.times
     result = {"step_s_median": statistics.median(steady), "steps": len(timer.times)}
@@ -135,8 +137,10 @@ def main() -> None:
         result["trainer"] = train("trainer", args)
         result["world_size"] = world_size()
         result["ratio_ticket_vs_trainer"] = result["ticket"]["step_s_median"] / result["trainer"]["step_s_median"]
-    ok = ("refused" in result) if args.expect_refusal else (
-        "ticket" in result and result["ticket"]["leaks"] == 0 and not result["ticket"]["master_leaks"]
+    ok = (
+        ("refused" in result)
+        if args.expect_refusal
+        else ("ticket" in result and result["ticket"]["leaks"] == 0 and not result["ticket"]["master_leaks"])
     )
     result["ok"] = bool(ok)
     rank = int(os.environ.get("RANK", "0"))

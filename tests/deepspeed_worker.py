@@ -20,6 +20,8 @@ if "--no-master-masking" in sys.argv:
     from hf_tickets.enforce import MaskEnforcer
 
     MaskEnforcer.mask_master_weights_ = lambda self: None
-script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "accelerate_mode_check.py")
+script = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "accelerate_mode_check.py"
+)
 sys.argv = [script, *sys.argv[1:]]
 runpy.run_path(script, run_name="__main__")

@@ -88,7 +88,9 @@ def test_deepspeed_stage_of_an_accelerate_launch():
     from accelerate.utils import DistributedType
 
     plugin = SimpleNamespace(zero_stage=3)
-    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
     assert deepspeed_stage(SimpleNamespace(), accelerator) == 3
     with pytest.raises(ValueError, match="ZeRO-3"):
         check_supported(SimpleNamespace(), accelerator, _method(**FIXED))
@@ -96,7 +98,12 @@ def test_deepspeed_stage_of_an_accelerate_launch():
 
 @pytest.mark.parametrize(
     "version, method, refused",
-    [(1, FIXED, "FSDP1 is not supported"), (2, IMP, "not supported under FSDP2"), (2, RIGL, "FSDP2"), (2, FIXED, None)],
+    [
+        (1, FIXED, "FSDP1 is not supported"),
+        (2, IMP, "not supported under FSDP2"),
+        (2, RIGL, "FSDP2"),
+        (2, FIXED, None),
+    ],
 )
 def test_fsdp_launches_that_cannot_keep_masks_are_refused(version, method, refused):
     from accelerate.utils import DistributedType
