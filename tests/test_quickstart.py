@@ -1,7 +1,7 @@
 """The main job shows the lottery-ticket effect: `make quickstart`, run as the user runs it, ends with the ticket ahead
 of both controls by more than the test split's noise at its last levels (issue 15, item 6).
 
-Slow (about 1.5 minutes of one CPU core): `pytest -m slow tests/test_quickstart.py`.
+Slow (40 s on a free CPU core, about 2 minutes on a loaded 2-core machine): `pytest -m slow tests/test_quickstart.py`.
 """
 
 import json
