@@ -331,8 +331,12 @@ def _show_progress() -> None:
     import logging
 
     log = logging.getLogger("hf_tickets")
-    if not log.handlers:
-        handler = logging.StreamHandler()
+    ours = [h for h in log.handlers if getattr(h, "_hf_tickets_cli", False)]
+    if ours:  # a second main() in one process: write to the stderr of now (tests swap it)
+        ours[0].setStream(sys.stderr)
+    elif not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._hf_tickets_cli = True
         handler.setFormatter(logging.Formatter("hf_tickets: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
