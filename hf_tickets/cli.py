@@ -332,8 +332,8 @@ def _show_progress() -> None:
 
     log = logging.getLogger("hf_tickets")
     ours = [h for h in log.handlers if getattr(h, "_hf_tickets_cli", False)]
-    if ours:  # a second main() in one process: write to the stderr of now (tests swap it)
-        ours[0].setStream(sys.stderr)
+    if ours:  # a second main() in one process: write to the stderr of now (tests swap it; the old may be closed)
+        ours[0].stream = sys.stderr
     elif not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler._hf_tickets_cli = True
