@@ -14,7 +14,8 @@
 #   accel       issue 17: every recipes/accelerate config launched on one GPU (scripts/gpu_accelerate_configs.sh)
 #   course      issue 19: the course-protocol LTH runs of LeNet-300-100 on MNIST and on Fashion-MNIST
 #               (recipes/lth_course/*.yaml: 16 rounds x 40k iterations, 3 strategies x 3 replicates in lockstep)
-#   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity)
+#   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity);
+#               more overrides in BERT_GUARD_ARGS (e.g. 'controls=[]' for the ticket alone)
 #   bn          issue 19 part 4: benchmarks/bn_lockstep.py and the GPU tests of BatchNorm in lockstep
 #
 # Staged before the call (the working tree travels at most 64 MiB a call), in /tmp/stage: the MiniLM wheel in parts
@@ -77,7 +78,7 @@ if wants course; then
 fi
 if wants bert_guard; then
     (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml sparsity.prune_fraction=0.2 sparsity.levels=6 \
-        sparsity.max_layer_sparsity=0.9 training.output_dir="$r/bert_guard"; echo "exit $?") > "$r/bert_guard.log" 2>&1 &
+        sparsity.max_layer_sparsity=0.9 training.output_dir="$r/bert_guard" ${BERT_GUARD_ARGS:-}; echo "exit $?") > "$r/bert_guard.log" 2>&1 &
 fi
 if wants bn; then
     (run python3 benchmarks/bn_lockstep.py --device cuda --arms 4 --steps 300 --json "$r/bn_lockstep.json"
