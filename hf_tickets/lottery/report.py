@@ -319,8 +319,10 @@ def plot_aggregate(report: dict, root: str) -> None:
     ax.set_ylabel(f"accuracy (%), mean ± std over {report['replicates']} replicates")
     ax.set_title("Lottery tickets vs controls")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.subplots_adjust(left=0.1, right=0.66, bottom=0.12, top=0.92)  # fixed margins: tight_layout is most of a plot
+    # Inside the axes, bottom left: accuracy is high where most weights remain, so that corner is empty (a legend
+    # outside the axes was cut off at these fixed margins).
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)  # fixed margins: tight_layout is most of a plot
     tmp = os.path.join(root, ACCURACY_PLOT + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
