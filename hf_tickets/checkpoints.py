@@ -64,3 +64,16 @@ def load_saved_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Ten
         return {name: tensor.detach() for name, tensor in loaded.state_dict().items()}
     unknown = sorted(set(raw) - own)
     raise ValueError(f"{file} holds weights {unknown[:3]} that {type(model).__name__} does not have.")
+
+
+def saved_under_other_names(folder: str, model: torch.nn.Module) -> bool:
+    """True when `folder`'s single `model.safetensors` names tensors `model` does not have under those names (a
+    transformers 5 model saved under its original checkpoint names, see `load_saved_weights`)."""
+    file = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as fh:
+        names = set(fh.keys())
+    return not names <= set(model.state_dict())

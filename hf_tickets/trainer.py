@@ -19,7 +19,7 @@ from transformers.trainer_utils import TrainOutput
 
 from .callbacks import SparsityCallback
 from .cards import card_tags, current_command, write_mask_updates_section, write_model_card
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import last_complete_checkpoint, load_saved_weights, saved_under_other_names
 from .config import SparsityConfig
 from .distributed import check_supported
 from .files import CARD_NAME, STATE_TENSORS_NAME, write_text_atomic
@@ -164,6 +164,32 @@ class TicketTrainer(Trainer):
 
                 self.sparsity_method.load_state_tensors(load_file(tensors))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        model = model if model is not None else self.model
+        if not self._load_by_name(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_by_name(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _load_by_name(self, folder: str, model: torch.nn.Module) -> bool:
+        """Load a checkpoint saved under other tensor names (ViT in transformers 5) by the model's own names.
+
+        Trainer loads `model.safetensors` with `load_state_dict(strict=False)`: for such a model it loads none of
+        the renamed tensors, logs "missing keys" and trains on from the weights it had, so a resumed run silently
+        restarts its encoder. Returns False (Trainer's own load) for every other checkpoint: matching names,
+        sharded or adapter files, FSDP, DeepSpeed."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not saved_under_other_names(folder, model):
+            return False
+        logger.info("Loading %s by the model's own tensor names (it was saved under other names)", folder)
+        weights = load_saved_weights(folder, model)
+        device = next(model.parameters()).device
+        model.load_state_dict({name: tensor.to(device) for name, tensor in weights.items()}, strict=True)
+        return True
 
     def _load_callback_state(self) -> None:
         # With restore_callback_states_from_checkpoint=True, Trainer rebuilds stateful callbacks from their stored

@@ -99,11 +99,12 @@ def test_reloaded_model_continues_sparse_training(tmp_path):
 # ---- resume from a Trainer checkpoint -----------------------------------------------------------------------------
 
 
-def test_resume_from_checkpoint_keeps_masks(tmp_path):
+@pytest.mark.parametrize("kind", ["cnn", "vit", "bert", "gpt2"])  # ViT: saved under other tensor names
+def test_resume_from_checkpoint_keeps_masks(kind, tmp_path):
     run = tmp_path / "run"
     cfg = SparsityConfig(method="random", sparsity=0.8, seed=1)
     args = {"steps": 10, "save_strategy": "steps", "save_steps": 5, "learning_rate": 1e-2}
-    first = _train("cnn", run, cfg, **args)
+    first = _train(kind, run, cfg, **args)
     first.train()
     ckpt = run / "checkpoint-5"
     assert (ckpt / MASKS_NAME).is_file() and (ckpt / CONFIG_NAME).is_file()
@@ -111,7 +112,7 @@ def test_resume_from_checkpoint_keeps_masks(tmp_path):
     final_uninterrupted = {k: v.clone() for k, v in first.model.state_dict().items()}
 
     # A fresh trainer with *different* masks (other seed) resumes: the checkpoint's masks win.
-    second = _train("cnn", tmp_path / "run2", SparsityConfig(method="random", sparsity=0.8, seed=2), **args)
+    second = _train(kind, tmp_path / "run2", SparsityConfig(method="random", sparsity=0.8, seed=2), **args)
     assert second.masks != first.masks
 
     class Count(ViolationCounter):
@@ -128,6 +129,38 @@ def test_resume_from_checkpoint_keeps_masks(tmp_path):
     # the resumed run ends where the uninterrupted one did (weights, hence masks applied identically)
     for key, value in second.model.state_dict().items():
         torch.testing.assert_close(value, final_uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_load_best_model_at_end_reads_vit_by_its_own_names(tmp_path):
+    """Trainer's best-model load (`load_state_dict(strict=False)`) skips every tensor ViT saves under other names;
+    TicketTrainer loads the best checkpoint's weights by name."""
+    from hf_tickets.checkpoints import load_saved_weights
+
+    args = training_args(
+        tmp_path / "run",
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        learning_rate=0.5,
+    )
+    trainer = TicketTrainer(
+        model=MODEL_BUILDERS["vit"](),
+        args=args,
+        train_dataset=make_dataset("vit", 16),
+        eval_dataset=make_dataset("vit", 8),
+        sparsity_config=SparsityConfig(method="random", sparsity=0.5, seed=0),
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6"), "pick a run whose best step is not the last"
+    expected = load_saved_weights(best, trainer.model)
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    assert count_violations(trainer.model, trainer.masks) == 0
 
 
 def test_resume_from_last_checkpoint_with_true(tmp_path):
