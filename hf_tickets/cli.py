@@ -24,11 +24,10 @@ def _cmd_run(opts: argparse.Namespace) -> int:
     from .run_log import quiet_progress_bars, set_console
 
     set_console(step_logs=opts.log_steps, progress_bar=opts.progress)
-    _pick_threads()
-
     path = default_recipe_path(opts.recipe)
-    recipe = load_recipe(path, opts.overrides)
+    recipe = load_recipe(path, opts.overrides)  # a wrong path or override fails here, before torch is imported
     _check_pretrained(recipe)
+    _pick_threads()
     command = "hf-tickets run " + " ".join(shlex.quote(a) for a in [path, *opts.overrides])
     recipe.setdefault("ticket", {}).setdefault("command", command)
     from .data import hub_dataset_id
@@ -49,10 +48,12 @@ def _cmd_run(opts: argparse.Namespace) -> int:
 def _check_pretrained(recipe: dict) -> None:
     """A recipe's `model.pretrained` that is a missing local folder, or a Hub id that is neither cached nor
     reachable (and has no `model.offline_fallback`), fails now, in seconds, with the fix."""
-    from .hub_probe import require_hub_model
+    from .hub_probe import require_hub_model, require_local_path
 
     model = recipe.get("model") or {}
     pretrained = model.get("pretrained") if isinstance(model, dict) else None
+    if isinstance(pretrained, str) and pretrained:
+        require_local_path(pretrained, "model.pretrained")  # a mistyped folder is an error, fallback or not
     if isinstance(pretrained, str) and pretrained and not model.get("offline_fallback"):
         require_hub_model(
             pretrained,
@@ -217,8 +218,10 @@ def _cmd_stability(opts: argparse.Namespace) -> int:
 
     from .lottery.layout import finished_levels, replicate_roots
     from .recipes import build_trainer, default_recipe_path, load_recipe
+    from .run_log import quiet_progress_bars, set_console
     from .stability import check_points, check_rewind_point, instability, instability_sweep, recipe_from_run
 
+    set_console(step_logs=opts.log_steps)
     check_points(opts.points)
     is_run = not os.path.isfile(os.path.join(opts.path, "trainer_state.json")) and any(
         finished_levels(root) for root in replicate_roots(opts.path)
@@ -230,6 +233,11 @@ def _cmd_stability(opts: argparse.Namespace) -> int:
         if opts.steps or opts.level is not None:
             raise ValueError("--steps and --level apply to an IMP run folder, not to a rewind point.")
     recipe_path, overrides = (opts.recipe, []) if opts.recipe else recipe_from_run(opts.path)
+    if not opts.recipe and not os.path.isfile(default_recipe_path(recipe_path)):
+        raise ValueError(
+            f"the run's recipe {recipe_path!r} (from its level_00/metrics.json, a path relative to the folder the "
+            "run was started in) is not found from here: run this command from that folder, or pass --recipe."
+        )
     out = opts.out or (os.path.join(opts.path, "stability") if is_run else os.path.normpath(opts.path) + ".stability")
     recipe = load_recipe(default_recipe_path(recipe_path), [*overrides, *opts.overrides, f"training.output_dir={out}"])
     trainer = build_trainer(recipe, trust_remote_code=opts.trust_remote_code)
@@ -243,14 +251,16 @@ def _cmd_stability(opts: argparse.Namespace) -> int:
         plot=not opts.no_plot,
     )
     if is_run:
-        sweep = instability_sweep(trainer, opts.path, out, steps=opts.steps, level=opts.level, **kwargs)
+        with quiet_progress_bars():  # no "Writing model shards" bars (unless --log-steps)
+            sweep = instability_sweep(trainer, opts.path, out, steps=opts.steps, level=opts.level, **kwargs)
         print(f"\nlevel {sweep['level']} ({sweep['remaining_weights_pct']:.2f}% of weights left) of {sweep['run']}")
         print(f"{'k':>8} {'instability':>12} {'loss instab.':>13} {'endpoint errors':>18}")
         for row in sweep["steps"]:
             ends = "/".join(f"{e:.4f}" for e in row["endpoint_errors"])
             print(f"{row['k']:>8} {row['instability']:>12.4f} {row['loss_instability']:>13.4f} {ends:>18}")
     else:
-        result = instability(trainer, opts.path, out, masks=opts.masks, **kwargs)
+        with quiet_progress_bars():
+            result = instability(trainer, opts.path, out, masks=opts.masks, **kwargs)
         print(f"\ntwo copies from step {result.start_step} to {result.end_step}, data seeds {result.data_seeds}")
         print(f"{'alpha':>6} {'error':>8} {'loss':>8}")
         for alpha, error, loss in zip(result.alphas, result.error, result.loss):
@@ -322,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     stab.add_argument("--bn-batches", type=int, default=100, help="training batches that recompute BN statistics")
     stab.add_argument("--no-plot", action="store_true")
     stab.add_argument("--trust-remote-code", action="store_true", help="as for `hf-tickets run`")
+    stab.add_argument(
+        "--log-steps",
+        action="store_true",
+        help="also print Trainer's per-step log dicts and bars (always written to train_log.jsonl next to the copies)",
+    )
     stab.set_defaults(func=_cmd_stability)
     return parser
 
@@ -365,10 +380,26 @@ def _bar_safe_logging(bar: bool):
     return logging_redirect_tqdm(loggers=[logging.getLogger("hf_tickets")])
 
 
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """`parse_args`, except that overrides may also follow the options (`run RECIPE --log-steps a.b=1`): argparse
+    gives the positional list everything before the first option and calls the rest unrecognized."""
+    parser = build_parser()
+    opts, extra = parser.parse_known_args(argv)
+    if extra and hasattr(opts, "overrides") and not any(e.startswith("-") for e in extra):
+        opts.overrides = [*opts.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return opts
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts = build_parser().parse_args(argv)
+    opts = _parse(argv)
     try:
         return opts.func(opts)
+    except KeyboardInterrupt:  # Ctrl-C: finished levels are on disk; say how to go on, not where Python was
+        again = "; finished levels are kept: run the same command again to continue" if opts.command == "run" else ""
+        print(f"\nhf-tickets: interrupted{again}.", file=sys.stderr)
+        return 130
     except (ValueError, TypeError) as err:  # bad input: the message names the field and the fix
         print(f"hf-tickets: error: {err}", file=sys.stderr)
         return 2

@@ -149,6 +149,9 @@ class SparsityConfig(PushToHubMixin):
             cls = target
         own = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - own)
+        if unknown and isinstance(method, str) and _CONFIG_CLASSES and method not in _CONFIG_CLASSES:
+            # the method is the mistake (a typo such as 'imq'), not the fields that belong to the intended one
+            raise ValueError(f"SparsityConfig.method={method!r} is unknown: choose one of {list(_known_methods())}.")
         if unknown:
             owners = {
                 name: [m for m, c in sorted(_CONFIG_CLASSES.items()) if name in _field_names(c)] for name in unknown

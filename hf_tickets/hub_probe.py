@@ -74,6 +74,13 @@ def require_folder(path: str, what: str = "folder") -> str:
     raise MissingPathError(2, f"missing folder (not a {what}: nothing is at this path)", path)
 
 
+def require_local_path(name: str, what: str = "path") -> None:
+    """A `name` that looks like a local path (`looks_like_local_path`) but does not exist raises `MissingPathError`;
+    a Hub id or an existing path passes. For names that a fallback would otherwise replace without a word."""
+    if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise MissingPathError(2, f"missing folder ({what} looks like a local path; not sent to the Hub)", name)
+
+
 def in_hub_cache(repo_id: str, filename: str = "config.json", revision: Optional[str] = None) -> bool:
     """Whether `filename` of `repo_id` is in the local Hugging Face cache (no network)."""
     from huggingface_hub import try_to_load_from_cache

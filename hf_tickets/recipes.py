@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import yaml
 
-from .lottery.metrics import accuracy  # noqa: F401  (recipes train with it; tests and benchmarks import it here)
-
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -59,6 +57,16 @@ OFFLINE_MODELS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def __getattr__(name: str) -> Any:
+    """`accuracy` (the recipes' compute_metrics, imported from here by tests and benchmarks) loads on first use: a
+    module-level import would pull in torch and transformers before a mistyped recipe path could be reported."""
+    if name == "accuracy":
+        from .lottery.metrics import accuracy
+
+        return accuracy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a recipe and apply `section.key=value` overrides (values parsed as YAML: numbers, lists, ...)."""
     if not os.path.isfile(path):
@@ -79,6 +87,10 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. training.max_steps=100.")
         key, value = item.split("=", 1)
+        if value.startswith("="):  # `a.b==0.5` would set a.b to the string "=0.5"
+            raise ValueError(
+                f"override {item!r} has '==': write section.key=value with one '=', e.g. {key}={value[1:]}."
+            )
         parts = key.split(".")
         _refuse_renamed({parts[0]: None}, f"override {item!r}")
         if parts[0] not in SECTIONS:
@@ -140,6 +152,7 @@ def build_trainer(recipe: dict[str, Any], trust_remote_code: bool = False) -> Ti
 
     from .config import SparsityConfig
     from .data import TensorImageDataset, load_splits
+    from .lottery.metrics import accuracy
     from .trainer import TicketTrainer
 
     data_cfg = dict(recipe["data"])
@@ -331,6 +344,9 @@ def resolve_pretrained(pretrained: str, offline_fallback: str | None = None) -> 
     if offline_fallback is None or os.path.isdir(pretrained):
         return pretrained
     from .data import _hub_unreachable_reason, _offline_env
+    from .hub_probe import require_local_path
+
+    require_local_path(pretrained, "model.pretrained")  # a mistyped folder is not replaced by the fallback
 
     reason = "HF offline mode is set" if _offline_env() else _hub_unreachable_reason()
     if reason is None or _in_hf_cache(pretrained):
@@ -422,7 +438,7 @@ def run_recipe(recipe: dict[str, Any], trust_remote_code: bool = False) -> dict[
         return summary
     run = run_experiment(
         trainer,
-        controls=tuple(recipe.get("controls") or ()),
+        controls=recipe.get("controls") or (),  # a list, or one kind (`controls=reinit`)
         control_levels=recipe.get("control_levels"),
         replicates=replicates,
         backend=backend,

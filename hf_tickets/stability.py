@@ -61,6 +61,7 @@ from .lottery.lockstep import load_weights_
 from .lottery.metrics import accuracy
 from .lottery.rewind import copy_checkpoint, rewind_point_step, save_rewind_point
 from .masks import MaskSet
+from .run_log import run_console
 from .trainer import TicketTrainer
 
 logger = logging.getLogger(__name__)
@@ -270,10 +271,13 @@ def train_copy(
     side.add_callback(_StartFrom(side, rewind_point))
     if end_step < schedule_steps:
         side.add_callback(_StopAt(end_step))
-    side.train_once(resume_from_checkpoint=rewind_point, restore_masks=False)
-    if side.state.global_step != end_step:
-        raise RuntimeError(f"copy with data_seed={data_seed} ended at step {side.state.global_step}, not {end_step}.")
-    side.save_model(folder)
+    with run_console(side, os.path.dirname(folder)):  # per-step dicts to <analysis>/train_log.jsonl, not the console
+        side.train_once(resume_from_checkpoint=rewind_point, restore_masks=False)
+        if side.state.global_step != end_step:
+            raise RuntimeError(
+                f"copy with data_seed={data_seed} ended at step {side.state.global_step}, not {end_step}."
+            )
+        side.save_model(folder)
     pickled = os.path.join(folder, PICKLED_ARGS_NAME)  # nothing pickled stays in a model folder
     if os.path.isfile(pickled):
         os.remove(pickled)
@@ -544,7 +548,8 @@ def make_rewind_points(
         side = _side_trainer(trainer, model, args, masks)
         side.add_callback(_Capture(later))
         set_seed(trainer.args.seed if seed is None else seed)  # as the lottery's level 0 (same data order)
-        side.train_once(restore_masks=False)
+        with run_console(side, folder):
+            side.train_once(restore_masks=False)
         shutil.rmtree(work, ignore_errors=True)
     return folders
 

@@ -32,7 +32,6 @@ from ..datasets_source import data_line
 from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
 from ..run_log import run_bar, run_console
-from ..run_log import run_bar, run_console
 from .arms import Arm, masked_copy_digest
 from .identity import check_identity, run_identity, tensors_digest
 from .layout import (
@@ -174,7 +173,7 @@ class LotteryRunner:
         return k if cfg.rewind in ("step", "lr") else 0
 
     def _check_controls(self, controls, control_levels) -> tuple[tuple, set]:
-        controls = tuple(controls or ())
+        controls = (controls,) if isinstance(controls, str) else tuple(controls or ())  # `controls=reinit`
         unknown = [kind for kind in controls if kind not in CONTROL_KINDS]
         if unknown:
             raise ValueError(f"control kinds {unknown} are unknown: choose from {list(CONTROL_KINDS)}.")
@@ -184,6 +183,12 @@ class LotteryRunner:
                 "defined for rewind='init' or 'step'."
             )
         levels = self.config.num_levels()
+        if isinstance(control_levels, int) and not isinstance(control_levels, bool):
+            control_levels = [control_levels]  # `control_levels=9`
+        if control_levels is not None and not isinstance(control_levels, (list, tuple, set, range)):
+            raise ValueError(
+                f"control_levels={control_levels!r} must be a list of pruned levels (1..{levels}), e.g. [9, 10]."
+            )
         wanted = set(range(1, levels + 1)) if control_levels is None else set(control_levels)
         bad = sorted(level for level in wanted if not isinstance(level, int) or not 1 <= level <= levels)
         if bad:
@@ -437,8 +442,6 @@ class Progress:
 
         self.done += 1
         self.trained_here += 1
-        if self.bar is not None:
-            self.bar.update(1)
         if self.bar is not None:
             self.bar.update(1)
         elapsed = time.monotonic() - self.started
