@@ -232,6 +232,11 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 _check_header(header, info, path)
                 masks = _read_checked(fh, info, path)
         except SafetensorError as err:
+            if not path.endswith(".safetensors"):  # metrics.json, a recipe: a wrong file, not a damaged one
+                raise ValueError(
+                    f"{path} is not a safetensors file ({err}): pass a masks.safetensors, or the level, ticket or "
+                    "checkpoint folder that holds one."
+                ) from err
             raise ValueError(f"{path} is corrupted or not a safetensors file ({err}): re-save the masks.") from err
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path} has a damaged hf_tickets header ({err!r}): re-save the masks.") from err

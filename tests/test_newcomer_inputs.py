@@ -191,3 +191,16 @@ def test_the_run_bar_advances_once_per_arm_level(monkeypatch):
         arm = SimpleNamespace(kind=kind, level=1, replicate=0)
         progress.trained(arm, {"test_at_early_stop": {"accuracy": 0.9}, "remaining_weights_pct": 60.0})
     assert progress.bar.n == progress.done == 3
+
+
+# ---- inspect on a file that is not a masks file names the mistake, not damage
+
+
+def test_inspect_on_a_json_or_yaml_file_is_not_called_corrupted(tmp_path, capsys):
+    for name in ("metrics.json", "recipe.yaml"):
+        path = tmp_path / name
+        path.write_text('{"a": 1}\n', encoding="utf-8")
+        assert main(["inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is not a safetensors file" in err and "pass a masks.safetensors" in err
+        assert "corrupted" not in err and "re-save" not in err
