@@ -187,10 +187,30 @@ def test_the_run_bar_advances_once_per_arm_level(monkeypatch):
     monkeypatch.setattr(runner, "run_bar", lambda total, initial=0: Bar())
     progress = runner.Progress(planned=3, levels=1)
     progress.reused(1, level=0)
-    for kind in ("trunk", "reinit"):
-        arm = SimpleNamespace(kind=kind, level=1, replicate=0)
-        progress.trained(arm, {"test_at_early_stop": {"accuracy": 0.9}, "remaining_weights_pct": 60.0})
+    metrics = {"test_at_early_stop": {"accuracy": 0.9}, "remaining_weights_pct": 60.0}
+    progress.trained([(SimpleNamespace(kind=kind, level=1, replicate=0), metrics) for kind in ("trunk", "reinit")])
     assert progress.bar.n == progress.done == 3
+
+
+def test_the_arms_of_one_level_share_one_estimate(monkeypatch, caplog):
+    """A level's arms come back together (one lockstep pass): the estimate was 1m00s, 0m38s, 0m28s on three lines
+    printed at the same instant; now it is the one after the whole level."""
+    from types import SimpleNamespace
+
+    from hf_tickets.lottery import runner
+
+    clock = iter([0.0, 10.0, 20.0])  # Progress() starts at 0; level 0 ends at 10 s, level 1 at 20 s
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock, 20.0))
+    progress = runner.Progress(planned=4, levels=1)
+    metrics = {"test_at_early_stop": {"accuracy": 0.9}, "remaining_weights_pct": 60.0}
+    with caplog.at_level("INFO", logger="hf_tickets"):
+        progress.trained([(SimpleNamespace(kind="trunk", level=0, replicate=0), metrics)])
+        arms = [SimpleNamespace(kind=k, level=1, replicate=0) for k in ("trunk", "reinit", "random_prune")]
+        progress.trained([(arm, metrics) for arm in arms])
+    lines = [r.getMessage() for r in caplog.records if "arm-levels;" in r.getMessage()]
+    assert len(lines) == 4
+    assert "(1/4 arm-levels; 0m10s elapsed, about 0m30s left)" in lines[0]  # 10 s per arm-level, 3 to go
+    assert all("0m20s elapsed, about 0m00s left)" in line for line in lines[1:])
 
 
 # ---- inspect on a file that is not a masks file names the mistake, not damage

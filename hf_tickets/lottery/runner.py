@@ -248,8 +248,8 @@ class LotteryRunner:
             progress.reused(len(arms) - len(todo), level)
             results = self.backend.train(todo)
             summary.trained += [arm.name for arm in todo]
+            progress.trained(list(zip(todo, results)))
             for arm, metrics in zip(todo, results):
-                progress.trained(arm, metrics)
                 if arm.kind == "trunk" and arm.replicate == 0:
                     summary.last_trunk_metrics = metrics
 
@@ -437,15 +437,23 @@ class Progress:
                 "level %d/%d: %d arm(s) reused from an earlier run with the same identity", level, self.levels, count
             )
 
-    def trained(self, arm: Arm, metrics: dict) -> None:
+    def trained(self, results: list[tuple[Arm, dict]]) -> None:
+        """The arm-levels of one level, which the backend hands back together: one line each, and one estimate for
+        all of them (counted after the whole level, so that it does not jump between lines of one pass)."""
+        if not results:
+            return
+        elapsed = time.monotonic() - self.started
+        self.trained_here += len(results)
+        left = elapsed / self.trained_here * (self.planned - self.done - len(results))
+        for arm, metrics in results:
+            self.done += 1
+            if self.bar is not None:
+                self.bar.update(1)
+            self._line(arm, metrics, elapsed, left)
+
+    def _line(self, arm: Arm, metrics: dict, elapsed: float, left: float) -> None:
         from .report import score
 
-        self.done += 1
-        self.trained_here += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elapsed = time.monotonic() - self.started
-        left = elapsed / self.trained_here * (self.planned - self.done)
         accuracy = score(metrics)[0]
         logger.info(
             "level %d/%d %s[%d]: accuracy %s, %.2f%% of weights left (%d/%d arm-levels; %s elapsed, about %s left)",
