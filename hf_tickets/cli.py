@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe (YAML) end to end")
     run.add_argument("recipe", help="recipe file, or a name under recipes/ such as quickstart_digits")
-    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
+    run.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value overrides, e.g. training.max_steps=100"
+    )
     run.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -318,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stability", help="instability (linear mode connectivity) from a rewind point, or over rewind steps of a run"
     )
     stab.add_argument("path", help="a rewind point (Trainer checkpoint folder) or an IMP run folder")
-    stab.add_argument("overrides", nargs="*", help="recipe overrides, section.key=value")
+    stab.add_argument("overrides", nargs="*", default=[], help="recipe overrides, section.key=value")
     stab.add_argument("--recipe", help="the recipe the run used (default: read from the run's level_00/metrics.json)")
     stab.add_argument("--out", help="output folder (default: <run>/stability or <rewind point>.stability)")
     stab.add_argument("--points", type=int, default=30, help="points on the path, endpoints included (default 30)")

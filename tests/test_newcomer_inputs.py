@@ -224,3 +224,12 @@ def test_inspect_on_a_json_or_yaml_file_is_not_called_corrupted(tmp_path, capsys
         err = capsys.readouterr().err
         assert f"{path} is not a safetensors file" in err and "pass a masks.safetensors" in err
         assert "corrupted" not in err and "re-save" not in err
+
+
+@pytest.mark.parametrize("command, required", [("run", "recipe"), ("stability", "path")])
+def test_a_bare_command_names_only_what_is_required(command, required, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"the following arguments are required: {required}")  # not ", overrides"
