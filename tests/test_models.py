@@ -266,6 +266,20 @@ def test_weight_init_kaiming_normal_draws_fan_in_relu_std_and_zero_bias(name):
     assert build_model(name, num_labels=10, num_channels=1, image_size=28).config.weight_init == "glorot_normal"
 
 
+@pytest.mark.parametrize("name", ["lenet_300_100", "conv2"])
+def test_weight_init_lecun_normal_draws_truncated_fan_in_std(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_labels=10, num_channels=1, image_size=28, weight_init="lecun_normal")
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    largest = max(weights, key=lambda w: w.numel())
+    sigma = (1 / largest[0].numel()) ** 0.5
+    # Variance 1/fan_in after truncation, and nothing beyond 2 std of the untruncated normal it is drawn from.
+    assert abs(largest.std().item() - sigma) < 0.03 * sigma
+    assert largest.abs().max().item() <= 2 * sigma / 0.87962566103423978 + 1e-7
+    assert largest.abs().max().item() > 1.9 * sigma
+    assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def test_weight_init_unknown_name_is_refused():
     with pytest.raises(ValueError, match="weight_init='he' is not valid"):
         build_model("lenet5", weight_init="he")

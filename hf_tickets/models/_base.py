@@ -27,8 +27,11 @@ __all__ = [
 
 BATCHNORM_INITS = ("ones", "uniform")
 # Gaussian Glorot is Frankle & Carbin 2019's init for LeNet and Conv-2/4/6; Kaiming normal (fan_in, ReLU) is what
-# later LTH studies (and the course protocol in recipes/course_*) use for the same networks.
-WEIGHT_INITS = ("glorot_normal", "kaiming_normal")
+# later LTH studies (and the course protocol in recipes/course_*) use for the same networks. LeCun normal (variance
+# 1/fan_in, truncated at 2 std) is TF's `variance_scaling_initializer()` default, which SNIP's reference code draws.
+WEIGHT_INITS = ("glorot_normal", "kaiming_normal", "lecun_normal")
+# Std of a standard normal truncated to [-2, 2]: dividing by it gives the truncated draw the intended variance.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 
 def check_positive(config_name: str, **values: int) -> None:
@@ -74,6 +77,10 @@ def init_weight_and_bias(module: nn.Module, scheme: str) -> None:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         if scheme == "kaiming_normal":
             init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        elif scheme == "lecun_normal":
+            fan_in = module.weight[0].numel()  # in_features, or in_channels x kernel area
+            std = (1.0 / fan_in) ** 0.5 / _TRUNCATED_NORMAL_STD
+            init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
         else:
             init.xavier_normal_(module.weight)
         if module.bias is not None:

@@ -29,7 +29,8 @@ class ConvNetConfig(ImageClassificationConfig):
     Args:
         num_conv_layers (`int`, defaults to 2): 2, 4 or 6 (Conv-2, Conv-4, Conv-6).
         hidden_sizes (`list[int]`, defaults to `[256, 256]`): widths of the fully connected layers.
-        weight_init (`str`, defaults to `"glorot_normal"`): Gaussian Glorot, or `"kaiming_normal"` (fan_in, ReLU).
+        weight_init (`str`, defaults to `"glorot_normal"`): Gaussian Glorot, `"kaiming_normal"` (fan_in, ReLU), or
+            `"lecun_normal"` (variance 1/fan_in, truncated at 2 std).
         num_channels, image_size, num_labels: see `ImageClassificationConfig`; defaults are CIFAR-10's (3, 32, 10).
 
     On CIFAR-10 this gives 4,301,642 / 2,425,930 / 2,262,602 parameters. The paper's Figure 2 lists Conv-6 as 1.7M,

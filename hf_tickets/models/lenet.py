@@ -24,8 +24,9 @@ class LeNet300100Config(ImageClassificationConfig):
 
     Args:
         hidden_sizes (`list[int]`, defaults to `[300, 100]`): widths of the hidden layers.
-        weight_init (`str`, defaults to `"glorot_normal"`): Frankle & Carbin's Gaussian Glorot, or `"kaiming_normal"`
-            (fan_in, ReLU); biases start at zero either way.
+        weight_init (`str`, defaults to `"glorot_normal"`): Frankle & Carbin's Gaussian Glorot, `"kaiming_normal"`
+            (fan_in, ReLU) or `"lecun_normal"` (variance 1/fan_in, truncated at 2 std: SNIP's reference code);
+            biases start at zero either way.
         num_channels, image_size, num_labels: see `ImageClassificationConfig`; defaults are MNIST's (1, 28, 10).
     """
 
