@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -51,7 +52,16 @@ def load_saved_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Ten
     `vit.layers.0.attention.q_proj.weight`), and a plain `load_state_dict(strict=False)` then silently loads
     nothing for those tensors; transformers 5.24's own `Trainer._load_from_checkpoint` does exactly that. Such
     folders are read through `from_pretrained`, which maps the names back.
+
+    For a peft model, a folder with `adapter_model.safetensors` and no `model.safetensors` (Trainer's checkpoint of
+    a `PeftModel`) gives only the tensors it holds: adapters and `modules_to_save`.
     """
+    from .peft_interop import is_adapter_folder, is_peft_model, load_adapter_folder_
+
+    if is_adapter_folder(path) and is_peft_model(model):
+        # A peft model's checkpoint holds its adapters (and modules_to_save), not the base: read them with peft's
+        # loader into a copy, so that `model` keeps its weights.
+        return load_adapter_folder_(copy.deepcopy(model), path)
     folder, file = (path, os.path.join(path, WEIGHTS_NAME)) if os.path.isdir(path) else (os.path.dirname(path), path)
     raw = load_file(file)
     own = set(model.state_dict())

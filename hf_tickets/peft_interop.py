@@ -15,6 +15,7 @@ change (`bind_masks`), so IMP levels and mask updates during training are follow
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any, Iterator, Mapping, Optional
 
@@ -334,3 +335,44 @@ def wrap_with_lora(model: nn.Module, section: Mapping[str, Any]) -> nn.Module:
     if masked:
         enable_masked_lora(wrapped)
     return wrapped
+
+
+# ---- adapter folders (what Trainer and save_pretrained write for a peft model) ---------------------------------
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # peft's file name (peft.utils.SAFETENSORS_WEIGHTS_NAME)
+
+
+def is_adapter_folder(path: str) -> bool:
+    """A folder holding peft adapter weights and no full `model.safetensors` (a peft model's checkpoint)."""
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+        and not os.path.isfile(os.path.join(path, "model.safetensors"))
+    )
+
+
+def load_adapter_folder_(model: nn.Module, folder: str) -> dict[str, torch.Tensor]:
+    """Load the adapter weights (and `modules_to_save`) saved in `folder` into the peft model `model`, in place, with
+    peft's own loader (`load_peft_weights`, `set_peft_model_state_dict`: it maps the saved names back, adapter name
+    included). Returns the tensors it set, keyed by `model`'s state_dict names. The base weights are untouched: the
+    folder does not hold them."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    adapters = list(getattr(model, "peft_config", {}) or [])
+    if len(adapters) != 1:
+        raise ValueError(
+            f"{folder}: loading adapter weights needs a peft model with exactly one adapter, got {adapters}."
+        )
+    device = next(model.parameters()).device
+    saved = load_peft_weights(folder, device=str(device))
+    result = set_peft_model_state_dict(model, saved, adapter_name=adapters[0])
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{folder} holds adapter weights {sorted(result.unexpected_keys)[:3]} that {type(model).__name__} does "
+            "not have: it was saved for another adapter configuration."
+        )
+    missing = set(result.missing_keys)
+    loaded = {name: t.detach() for name, t in model.state_dict().items() if name not in missing}
+    if not loaded:
+        raise ValueError(f"{folder} holds no adapter weights of {type(model).__name__}.")
+    return loaded

@@ -9,7 +9,7 @@ from torch import nn
 
 from .masks import MaskSet
 from .methods.base import BatchSource, SparsityMethod
-from .peft_interop import effective_weights, is_peft_model
+from .peft_interop import adapter_parameter_ids, effective_weights, is_peft_model
 from .targets import resolve_targets
 
 # Methods that bring pruned weights back during training. A revived weight restarts at zero and only a trainable
@@ -30,14 +30,7 @@ def check_method(model: nn.Module, method: SparsityMethod) -> None:
     """Reject a method that cannot work on this peft model's base weights, before anything is trained."""
     cfg = method.config
     if method.iterative:
-        # The lottery runner rewinds each level from the previous level folder's model.safetensors; a peft model
-        # saves adapter_model.safetensors there, so level 1 would fail after level 0 was trained.
-        raise ValueError(
-            f"SparsityConfig.method={cfg.method!r} trains level by level through hf_tickets.lottery, which cannot yet "
-            "rewind a peft model (its level folders hold adapters, not model.safetensors). Prune the LoRA base with "
-            "method='gradual' (magnitude pruning of W + ΔW during training), 'magnitude' or an N:M pattern; or run "
-            "IMP on the base model without adapters."
-        )
+        check_iterative(model, cfg.method)
     reads_grads = type(method).on_dense_grads is not SparsityMethod.on_dense_grads
     if cfg.method in GROWING_METHODS or reads_grads:
         targets = resolve_targets(model, cfg)
@@ -51,6 +44,27 @@ def check_method(model: nn.Module, method: SparsityMethod) -> None:
                 "only prunes (magnitude, random, N:M, imp, gradual, snip), or unfreeze the targeted base weights "
                 "(param.requires_grad_(True)) to train them sparse next to the adapters."
             )
+
+
+def check_iterative(model: nn.Module, method: str) -> None:
+    """IMP on a peft model trains the adapters (and modules_to_save) at each level and rewinds them; the base is
+    frozen theta_0 under the level's masks. The level folders and rewind point hold what peft saves, so anything
+    else that trains would be lost between levels: refused."""
+    adapters = list(getattr(model, "peft_config", {}) or [])
+    if len(adapters) != 1:
+        raise ValueError(
+            f"SparsityConfig.method={method!r} on a peft model needs exactly one adapter (a PeftModel from "
+            f"get_peft_model), got adapters {adapters}."
+        )
+    peft_ids = adapter_parameter_ids(model)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in peft_ids]
+    if trained:
+        raise ValueError(
+            f"SparsityConfig.method={method!r} on a peft model rewinds what peft saves (adapters and "
+            f"modules_to_save), but {len(trained)} base weights are trainable (e.g. {trained[0]!r}): they would be "
+            "lost between levels. Freeze them (param.requires_grad_(False)), or list their modules in "
+            "LoraConfig.modules_to_save."
+        )
 
 
 class OnEffectiveWeights(SparsityMethod):

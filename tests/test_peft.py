@@ -238,8 +238,8 @@ def test_masked_lora_on_gpt2_conv1d_keeps_2_4_and_logits():
 def test_imp_scores_the_effective_weight_and_restores_w():
     model = lora_bert()
     randomize_adapters(model, std=1.0)
-    # IMP's level-end scoring, wrapped as prepare_method wraps methods for peft models (TicketTrainer rejects IMP
-    # on them until the lottery runner can rewind adapters: see the test below).
+    # IMP's level-end scoring, wrapped as prepare_method wraps methods for peft models (whole IMP runs on a LoRA
+    # model: tests/test_peft_imp.py).
     config = SparsityConfig(method="imp", prune_fraction=0.5, levels=1, scope="layerwise")
     method = OnEffectiveWeights(build_method(config))
     level0 = initial_masks(model, method)
@@ -279,15 +279,15 @@ def test_rigl_trains_a_base_that_is_not_frozen(tmp_path):
 # ---- combinations that cannot hold -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["rigl", "set", "imp"])
+@pytest.mark.parametrize("method", ["rigl", "set"])
 def test_methods_that_cannot_hold_on_a_lora_base_are_rejected(method, tmp_path):
-    extra = {"levels": 1} if method == "imp" else {"sparsity": 0.5}
-    with pytest.raises(ValueError, match="cannot yet rewind a peft model" if method == "imp" else "frozen"):
+    # IMP is accepted on a frozen LoRA base (tests/test_peft_imp.py), and refused where it cannot hold there.
+    with pytest.raises(ValueError, match="frozen"):
         TicketTrainer(
             model=lora_bert(),
             args=training_args(tmp_path),
             train_dataset=make_dataset("bert"),
-            sparsity_config=SparsityConfig(method=method, **extra),
+            sparsity_config=SparsityConfig(method=method, sparsity=0.5),
         )
 
 

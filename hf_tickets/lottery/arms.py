@@ -23,6 +23,8 @@ class Arm:
         folder: the level folder it is published to.
         masks: its masks (metadata: level, control).
         weights_file: weights it starts from (theta_0, reinit weights), loaded after `rewind_point` if both.
+        base_weights: peft model: theta_0's file, loaded first. Its folders (rewind point, levels, checkpoints) hold
+            adapters and modules_to_save only, so the frozen base comes from here, and the arm's masks prune it.
         rewind_point: the rewind point (step k of level 0) it resumes from, or None to start at step 0.
         capture_rewind_point: level 0 of a late-rewound trunk: write the rewind point here at step `capture_step`.
         seed: the seed of its data order and dropout (the run's seed plus the replicate).
@@ -36,6 +38,7 @@ class Arm:
     folder: str
     masks: MaskSet
     weights_file: Optional[str] = None
+    base_weights: Optional[str] = None
     rewind_point: Optional[str] = None
     capture_rewind_point: Optional[str] = None
     capture_step: int = 0
@@ -46,6 +49,28 @@ class Arm:
     @property
     def name(self) -> str:
         return f"{self.kind}[{self.replicate}] level {self.level}"
+
+    def start_sources(self) -> list[str]:
+        """Files and folders the arm's start weights are loaded from, in order (a later one wins)."""
+        sources: list[str] = []
+        for path in (self.base_weights, self.rewind_point, self.weights_file):
+            if path is not None and path not in sources:  # a peft arm rewound to theta_0 names it twice
+                sources.append(path)
+        return sources
+
+
+def load_into_(model: nn.Module, path: str) -> None:
+    """Load saved weights into `model` in place: a weights file or folder by name (`load_saved_weights`), a peft
+    model's adapter folder through peft's loader (no copy of the model)."""
+    from ..checkpoints import load_saved_weights
+    from ..peft_interop import is_adapter_folder, is_peft_model, load_adapter_folder_
+    from .lockstep import load_weights_
+
+    if is_adapter_folder(path) and is_peft_model(model):
+        load_adapter_folder_(model, path)
+        return
+    device = next(model.parameters()).device
+    load_weights_(model, {k: v.to(device) for k, v in load_saved_weights(path, model).items()})
 
 
 def start_digest(model: nn.Module) -> str:

@@ -58,12 +58,35 @@ def run_identity(config: Any, args: Any, model: nn.Module, train_dataset: Any) -
         # written by save_pretrained or loading, not by what the model is
         skip = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures")
         model_part["config"] = {k: _jsonable(v) for k, v in sorted(model_config.to_dict().items()) if k not in skip}
+    peft = peft_identity(model)
+    if peft:  # LoRA scaling, dropout, targets: they change training but not theta_0's weights
+        model_part["peft"] = peft
     return {
         "sparsity": _jsonable(sparsity),
         "training": training,
         "model": model_part,
         "data": data_digest(train_dataset),
     }
+
+
+# PeftConfig fields that say where or with which version a config was written, not what it trains.
+PEFT_SKIP = ("base_model_name_or_path", "revision", "peft_version", "inference_mode")
+
+
+def peft_identity(model: nn.Module) -> dict[str, Any]:
+    """The adapter configs of a peft model (sets as sorted lists), or {} for any other model."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return {}
+    out = {}
+    for name, config in configs.items():
+        fields = config.to_dict() if hasattr(config, "to_dict") else {}
+        out[name] = {
+            k: _jsonable(sorted(v, key=str) if isinstance(v, (set, frozenset)) else v)
+            for k, v in sorted(fields.items())
+            if k not in PEFT_SKIP
+        }
+    return out
 
 
 def check_identity(root: str, identity: dict[str, Any], write: bool = True) -> None:

@@ -14,6 +14,9 @@
 with `<root>` = `output_dir` for one replicate and `output_dir/replicate_R` for several. A level is trained in
 `level_NN.partial/` and renamed to `level_NN/` when complete (`publish_level`), so a crash never leaves a
 half-written level and `is_complete` tells a restart where to go on.
+
+A peft (LoRA) model's level folders and rewind point hold what peft saves (`adapter_model.safetensors`,
+`adapter_config.json`) instead of `model.safetensors`; its frozen base is theta_0's, pruned by the level's masks.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ piece. The Trainer backend copies its own `checkpoint-k` there (`RewindCapture`)
 same files from its stacked buffers through a real `torch.optim` optimizer and LR scheduler built by Trainer's own
 helpers (`Trainer.get_optimizer_cls_and_kwargs`, `get_scheduler`, the decay/no-decay groups of
 `Trainer.create_optimizer`), and reads a Trainer-written point back by the same parameter order. So a trunk trained
-by one backend can be continued, or its controls run, by the other.
+by one backend can be continued, or its controls run, by the other. A peft model's point (Trainer backend only) holds
+its adapter files instead of `model.safetensors`: the frozen base is theta_0's.
 """
 
 from __future__ import annotations

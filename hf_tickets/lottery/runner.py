@@ -29,10 +29,12 @@ from safetensors.torch import save_model
 from ..allocation import random_masks_like
 from ..checkpoints import load_saved_weights
 from ..datasets_source import data_line
+from ..enforce import apply_masks_
 from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
+from ..peft_interop import is_peft_model
 from ..run_log import run_bar, run_console
-from .arms import Arm, masked_copy_digest
+from .arms import Arm, load_into_, masked_copy_digest
 from .identity import check_identity, run_identity, tensors_digest
 from .layout import (
     CONTROL_KINDS,
@@ -120,7 +122,10 @@ class LotteryRunner:
         self.replicates = replicates
         self.output_dir = trainer.args.output_dir
         self.command = command or shlex.join([os.path.basename(sys.executable), *sys.argv])
+        self.peft = is_peft_model(trainer.model)
         self._validate_trainer()
+        if self.peft:
+            self._validate_peft(backend)
         if backend == "lockstep":
             from .lockstep_backend import LockstepBackend
 
@@ -155,6 +160,21 @@ class LotteryRunner:
                 "(use TrainingArguments.optim) so that rewinding can restore optimizer state."
             )
 
+    def _validate_peft(self, backend: str) -> None:
+        """A peft model's level folders and rewind point hold its adapters; the frozen base is theta_0's, pruned by
+        each level's masks. What does not fit that is refused here, before any training."""
+        if backend != "trainer":
+            raise ValueError(
+                f"backend={backend!r} does not train peft (LoRA) models: it stacks whole networks, and a peft model "
+                "saves adapters, not model.safetensors. Use backend='trainer'."
+            )
+        if self.replicates > 1:
+            raise ValueError(
+                f"replicates={self.replicates} draws a new theta_0 of the whole model per replicate, which on a peft "
+                "model would re-draw the pretrained base. Run each seed as its own run (own output_dir and "
+                "TrainingArguments.seed, the LoRA model built under that seed)."
+            )
+
     def _rewind_step(self) -> int:
         """k in optimizer steps; raises before any training when it cannot be reached."""
         cfg, backend = self.config, self.backend
@@ -177,6 +197,13 @@ class LotteryRunner:
         unknown = [kind for kind in controls if kind not in CONTROL_KINDS]
         if unknown:
             raise ValueError(f"control kinds {unknown} are unknown: choose from {list(CONTROL_KINDS)}.")
+        if self.peft and "reinit" in controls:
+            raise ValueError(
+                "controls=['reinit'] is not defined for a peft (LoRA) model: the masked weights are the frozen "
+                "pretrained base, so re-drawing them would train adapters on a random frozen network, and re-drawing "
+                "the adapters changes weights the masks do not touch. Use controls=['random_prune'] (the same start, "
+                "random masks of the same per-layer density)."
+            )
         if controls and self.config.rewind not in ("init", "step"):
             raise ValueError(
                 f"controls rewind like the trunk, but the trunk uses rewind={self.config.rewind!r}: controls are "
@@ -297,7 +324,12 @@ class LotteryRunner:
         if is_complete(done):
             return MaskSet.load(done)
         model = _cpu_copy(self.template)
-        load_weights_(model, load_saved_weights(level_dir(root, level - 1), model))
+        if self.peft:  # its level folder holds the adapters; the base is theta_0 under the level's masks
+            load_into_(model, init_weights_path(root))
+            load_into_(model, level_dir(root, level - 1))
+            apply_masks_(model, current)
+        else:
+            load_weights_(model, load_saved_weights(level_dir(root, level - 1), model))
         return self.method.next_level_masks(model, current, level)
 
     def _common_metrics(self, r: int, masks: MaskSet) -> dict[str, Any]:
@@ -317,7 +349,10 @@ class LotteryRunner:
         arm = Arm("trunk", r, level, level_dir(root, level), masks, seed=self.trainer.args.seed + r)
         arm.extra_metrics = self._common_metrics(r, masks)
         init_file, rewind_dir = init_weights_path(root), rewind_point_dir(root)
-        previous = os.path.join(level_dir(root, level - 1), WEIGHTS_NAME)
+        # a peft model's level folder holds adapters (adapter_model.safetensors), read as a folder
+        previous = level_dir(root, level - 1) if self.peft else os.path.join(level_dir(root, level - 1), WEIGHTS_NAME)
+        if self.peft:
+            arm.base_weights = init_file
         if level == 0:
             arm.weights_file = init_file
             if cfg.rewind in ("step", "lr") and self.k > 0:
@@ -347,6 +382,8 @@ class LotteryRunner:
             seed = self.config.seed + level + REPLICATE_SEED_OFFSET * r
             masks = MaskSet(random_masks_like(trunk_masks, seed), meta)
         arm = Arm(kind, r, level, level_dir(arm_root(root, kind), level), masks, seed=self.trainer.args.seed + r)
+        if self.peft:
+            arm.base_weights = init_weights_path(root)
         arm.extra_metrics = dict(
             self._common_metrics(r, masks),
             control=kind,
@@ -378,15 +415,12 @@ class LotteryRunner:
         its start file's. Level 0 of a trunk and fine-tuning arms start from files too."""
         if is_complete(arm.folder):
             return
-        weights: dict = {}
-        step = 0
-        if arm.rewind_point is not None:
-            from .rewind import rewind_point_step
+        from .rewind import rewind_point_step
 
-            weights.update(self._saved_weights(arm.rewind_point))
-            step = rewind_point_step(arm.rewind_point) or 0
-        if arm.weights_file is not None:
-            weights.update(self._saved_weights(arm.weights_file))
+        weights: dict = {}
+        for source in arm.start_sources():  # in the order the backend loads them
+            weights.update(self._saved_weights(source))
+        step = (rewind_point_step(arm.rewind_point) or 0) if arm.rewind_point is not None else 0
         identity = arm.extra_metrics["identity"]
         identity["start_step"] = step
         identity["start_weights_sha256"] = masked_copy_digest(self.template, weights, dict(arm.masks))
@@ -408,9 +442,9 @@ class LotteryRunner:
         if not levels:
             return
         folder = level_dir(root, max(levels))
-        device = next(self.trainer.model.parameters()).device
-        weights = load_saved_weights(folder, self.trainer.model)
-        load_weights_(self.trainer.model, {k: v.to(device) for k, v in weights.items()})
+        if self.peft:  # the base comes from theta_0; set_masks below prunes it
+            load_into_(self.trainer.model, init_weights_path(root))
+        load_into_(self.trainer.model, folder)
         self.trainer.set_masks(MaskSet.load(folder))
 
 

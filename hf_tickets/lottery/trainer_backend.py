@@ -25,9 +25,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
-from ..checkpoints import last_complete_checkpoint, load_saved_weights
+from ..checkpoints import last_complete_checkpoint
 from ..files import TRAINING_ARGS_NAME, read_json
-from .arms import Arm, start_digest
+from .arms import Arm, load_into_, start_digest
 from .layout import LEVEL_START_NAME, PARTIAL_SUFFIX, publish_level, write_json_atomic
 from .metrics import level_metrics, rows_from_log_history
 from .rewind import SCHEDULER_NAME, TRAINER_STATE_NAME, RewindCapture, copy_checkpoint
@@ -56,12 +56,9 @@ class LevelStartCallback(TrainerCallback):
         self.on_start: list[Callable[[], None]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from .lockstep import load_weights_
-
         model = self.trainer.model
-        device = next(model.parameters()).device
         for source in self.sources:
-            load_weights_(model, {k: v.to(device) for k, v in load_saved_weights(source, model).items()})
+            load_into_(model, source)
         self.trainer.sparsity_callback.enforce_now(kwargs.get("optimizer") or self.trainer.optimizer)
         if self.first_start and args.should_save:
             write_json_atomic(
@@ -135,10 +132,11 @@ class TrainerBackend:
         callbacks: list = [hook, loss]
         if arm.capture_rewind_point is not None:
             callbacks.append(RewindCapture(arm.capture_step, arm.capture_rewind_point))
-        if checkpoint is not None:
-            hook.sources, hook.first_start = [checkpoint], False  # it holds the weights to go on from
+        if checkpoint is not None:  # it holds the weights to go on from (a peft model's: its adapters)
+            hook.sources = [p for p in (arm.base_weights, checkpoint) if p is not None]
+            hook.first_start = False
         else:
-            hook.sources = [p for p in (arm.rewind_point, arm.weights_file) if p is not None]
+            hook.sources = arm.start_sources()
             hook.expected_digest = arm.extra_metrics.get("identity", {}).get("start_weights_sha256")
         added: list = []
         try:
