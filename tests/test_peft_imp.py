@@ -204,3 +204,23 @@ def test_lora_settings_are_part_of_the_run_identity(tmp_path):
     assert a["model"]["peft"] != b["model"]["peft"]
     assert a == run_identity(config, args, lora_bert(0), data)  # deterministic (target_modules is a set)
     assert "peft" not in run_identity(config, args, make_bert(0), data)["model"]
+
+
+def test_extending_a_lora_imp_run_reuses_its_levels_and_ends_as_one_straight_run(tmp_path):
+    """A restart with more levels (new trainer, new model) reuses levels 0-1 from their adapter folders and trains
+    level 2 exactly as a run of 3 levels does. rewind='lr': level L starts from level L-1's adapters."""
+
+    def trainer(out, levels):
+        config = SparsityConfig(
+            method="imp", prune_fraction=0.5, levels=levels, scope="layerwise", rewind="lr", rewind_step=2
+        )
+        args = training_args(out, max_steps=STEPS)
+        return TicketTrainer(model=lora_bert(0), args=args, train_dataset=make_dataset("bert"), sparsity_config=config)
+
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    run_experiment(trainer(straight, 2))
+    run_experiment(trainer(extended, 1))
+    summary = run_experiment(trainer(extended, 2))
+    assert summary.reused == ["trunk[0] level 0", "trunk[0] level 1"] and summary.trained == ["trunk[0] level 2"]
+    assert MaskSet.load(level(straight, 2)) == MaskSet.load(level(extended, 2))
+    assert_same(load_peft_weights(level(extended, 2)), load_peft_weights(level(straight, 2)))
