@@ -19,6 +19,7 @@ from transformers import TrainerCallback  # noqa: E402
 from hf_tickets import MaskSet, SparsityConfig, TicketTrainer, load_sparse_adapter  # noqa: E402
 from hf_tickets.lottery import run_experiment  # noqa: E402
 from hf_tickets.lottery.identity import run_identity  # noqa: E402
+from hf_tickets.lottery.layout import read_metrics  # noqa: E402
 from hf_tickets.peft_interop import adapter_parameter_ids, effective_weights  # noqa: E402
 
 STEPS = 6
@@ -224,3 +225,115 @@ def test_extending_a_lora_imp_run_reuses_its_levels_and_ends_as_one_straight_run
     assert summary.reused == ["trunk[0] level 0", "trunk[0] level 1"] and summary.trained == ["trunk[0] level 2"]
     assert MaskSet.load(level(straight, 2)) == MaskSet.load(level(extended, 2))
     assert_same(load_peft_weights(level(extended, 2)), load_peft_weights(level(straight, 2)))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    """Raises mid-level, as a killed process stops: at global step `step` of the level trained in `folder`
+    (a level trains in `<folder>.partial`, Trainer's output_dir), after Trainer saved that step's checkpoint if any."""
+
+    def __init__(self, folder: str, step: int) -> None:
+        self.folder, self.step = folder, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.path.basename(args.output_dir).startswith(self.folder) and state.global_step == self.step:
+            raise Interrupted(f"{self.folder} at step {state.global_step}")
+
+
+class TrainBegins(TrainerCallback):
+    """The global step every `Trainer.train` run begins at (a resumed level: its checkpoint's step)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def checkpointed_trainer(out, callbacks=()) -> TicketTrainer:
+    """2 pruned levels, late rewinding to step 2, a checkpoint every 2 steps and an evaluation every 3."""
+    from hf_tickets.lottery.metrics import accuracy
+
+    config = SparsityConfig(
+        method="imp", prune_fraction=0.5, levels=2, scope="layerwise", rewind="step", rewind_step=2
+    )
+    args = training_args(
+        out, max_steps=STEPS, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=3
+    )
+    return TicketTrainer(
+        model=lora_bert(0),
+        args=args,
+        train_dataset=make_dataset("bert"),
+        eval_dataset=make_dataset("bert", n=16, seed=1),
+        compute_metrics=accuracy,
+        sparsity_config=config,
+        callbacks=list(callbacks),
+    )
+
+
+def test_a_lora_imp_level_interrupted_mid_level_resumes_from_its_checkpoint_and_ends_as_a_straight_run(tmp_path):
+    """Level 1 stops at step 5 (checkpoint-4 written). A new process (new model, new trainer, same output_dir)
+    reuses level 0, resumes level 1 from checkpoint-4 (masked theta_0 base, then the checkpoint's adapters) and
+    trains level 2: levels 1-2 end bit-equal to an uninterrupted run, metrics included."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_experiment(checkpointed_trainer(straight))
+
+    with pytest.raises(Interrupted):
+        run_experiment(checkpointed_trainer(resumed, [InterruptAt("level_01", 5)]))
+    assert os.path.isfile(os.path.join(level(resumed, 0), "metrics.json"))
+    assert not os.path.exists(level(resumed, 1))
+    partial = level(resumed, 1) + ".partial"
+    assert os.path.isdir(os.path.join(partial, "checkpoint-4"))
+    assert not os.path.exists(os.path.join(partial, "checkpoint-6"))
+
+    begins = TrainBegins()
+    trainer = checkpointed_trainer(resumed, [begins])
+    summary = run_experiment(trainer)
+    assert summary.reused == ["trunk[0] level 0"]
+    assert summary.trained == ["trunk[0] level 1", "trunk[0] level 2"]
+    assert begins.steps == [4, 2]  # level 1 from its own checkpoint-4; level 2 from the rewind point (step 2)
+
+    for number in (1, 2):
+        assert MaskSet.load(level(resumed, number)) == MaskSet.load(level(straight, number)), number
+        assert_same(load_peft_weights(level(resumed, number)), load_peft_weights(level(straight, number)))
+        got, expected = (read_metrics(level(run, number)) for run in (resumed, straight))
+        assert "accuracy" in expected["final_eval"], expected  # evaluations were recorded
+        assert got["final_eval"]["accuracy"] == expected["final_eval"]["accuracy"]
+        got.pop("produced_by"), expected.pop("produced_by")
+        assert got == expected, {
+            k: (got.get(k), expected.get(k)) for k in set(got) | set(expected) if got.get(k) != expected.get(k)
+        }
+    masks = MaskSet.load(level(straight, 2))
+    assert violations(trainer.model, masks) == 0  # the trainer ends holding level 2: masked base + its adapters
+    reference = load_sparse_adapter(make_bert(0), level(straight, 2))
+    trainer.model.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(**batch()).logits, reference(**batch()).logits, rtol=0, atol=0)
+
+
+def test_imp_on_lora_with_rewind_none_fine_tunes_the_previous_levels_adapters(tmp_path):
+    """rewind='none': level L starts from level L-1's final adapters (no rewind) at its last learning rate, on
+    theta_0's base under level L's masks (kept weights the pretrained ones, bit for bit)."""
+    out = tmp_path / "run"
+    trainer, starts = imp_trainer(out, rewind="none")
+    trainer.args.lr_scheduler_type = "constant"  # a linear schedule ends at lr 0: the fine-tuning would not move
+    theta0_base, theta0_adapters = theta0_parts(trainer.model)
+    summary = run_experiment(trainer)
+    assert summary.trained == [f"trunk[0] level {n}" for n in range(3)]
+    assert len(starts.adapters) == 3
+    assert_same(starts.adapters[0], theta0_adapters)
+    for number in (1, 2):  # the previous level's adapters, as saved in its folder, bit for bit
+        previous = load_peft_weights(level(out, number - 1))
+        assert_same(starts.adapters[number], previous)
+        assert any(not torch.equal(previous[k], theta0_adapters[k]) for k in previous)  # not rewound to theta_0
+        ended = load_peft_weights(level(out, number))
+        assert any(not torch.equal(ended[k], previous[k]) for k in ended)  # and it trained on
+        metrics = read_metrics(level(out, number))
+        assert metrics["rewind"] == "none"
+        assert metrics["last_learning_rate"] == read_metrics(level(out, number - 1))["last_learning_rate"] == 1e-2
+    masks = check_levels(out, theta0_base, starts)
+    assert violations(trainer.model, masks[2]) == 0
