@@ -52,9 +52,10 @@ def _check_pretrained(recipe: dict) -> None:
 
     model = recipe.get("model") or {}
     pretrained = model.get("pretrained") if isinstance(model, dict) else None
-    if isinstance(pretrained, str) and pretrained:
-        require_local_path(pretrained, "model.pretrained")  # a mistyped folder is an error, fallback or not
-    if isinstance(pretrained, str) and pretrained and not model.get("offline_fallback"):
+    if not (isinstance(pretrained, str) and pretrained):
+        return
+    require_local_path(pretrained, "model.pretrained")  # a mistyped folder is an error, fallback or not
+    if not model.get("offline_fallback"):
         require_hub_model(
             pretrained,
             fix="give the recipe a model.offline_fallback (a local folder, or 'minilm', which a package ships)",

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import WEIGHTS_NAME
 from .masks import MaskSet
 
 CONTROLLER_ATTR = "hf_tickets_masked_lora"  # a plain attribute of the peft model: no state_dict key
@@ -339,7 +340,8 @@ def wrap_with_lora(model: nn.Module, section: Mapping[str, Any]) -> nn.Module:
 
 # ---- adapter folders (what Trainer and save_pretrained write for a peft model) ---------------------------------
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # peft's file name (peft.utils.SAFETENSORS_WEIGHTS_NAME)
+# peft's file name (peft.utils.SAFETENSORS_WEIGHTS_NAME), spelt out because peft is an optional dependency
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def is_adapter_folder(path: str) -> bool:
@@ -347,7 +349,7 @@ def is_adapter_folder(path: str) -> bool:
     return (
         os.path.isdir(path)
         and os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS_NAME))
-        and not os.path.isfile(os.path.join(path, "model.safetensors"))
+        and not os.path.isfile(os.path.join(path, WEIGHTS_NAME))
     )
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_overrides import tiny  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from hf_tickets import cli
 from hf_tickets.cli import main
@@ -18,19 +19,6 @@ from hf_tickets.files import STEP_LOG_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "recipes" / "quickstart_digits.yaml")
-
-
-def tiny(output_dir, levels: int = 2) -> list[str]:
-    return [
-        f"training.output_dir={output_dir}",
-        "training.max_steps=4",
-        "training.eval_steps=2",
-        "training.logging_steps=1",
-        f"sparsity.levels={levels}",
-        "sparsity.rewind_step=1",
-        "controls=[reinit]",
-        "control_levels=[2]",
-    ]
 
 
 # ---- options may follow the overrides; Ctrl-C is one line

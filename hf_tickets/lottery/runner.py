@@ -49,7 +49,6 @@ from .layout import (
     replicate_root,
     rewind_point_dir,
 )
-from .lockstep import load_weights_
 from .metrics import data_record
 
 if TYPE_CHECKING:
@@ -324,12 +323,10 @@ class LotteryRunner:
         if is_complete(done):
             return MaskSet.load(done)
         model = _cpu_copy(self.template)
-        if self.peft:  # its level folder holds the adapters; the base is theta_0 under the level's masks
+        if self.peft:  # its level folder holds the adapters; the base is theta_0, pruned by the masks below
             load_into_(model, init_weights_path(root))
-            load_into_(model, level_dir(root, level - 1))
-            apply_masks_(model, current)
-        else:
-            load_weights_(model, load_saved_weights(level_dir(root, level - 1), model))
+        load_into_(model, level_dir(root, level - 1))
+        apply_masks_(model, current)  # a no-op on a saved level's weights; prunes a peft model's theta_0 base
         return self.method.next_level_masks(model, current, level)
 
     def _common_metrics(self, r: int, masks: MaskSet) -> dict[str, Any]:
