@@ -42,17 +42,55 @@ def check_layer_rates(names: list[str], layer_rates: Optional[dict]) -> None:
             )
 
 
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the float32 order of `values` (the IEEE-754 bit trick; NaN above +inf, as in
+    `torch.topk`). Integer keys make "equal to the threshold" exact, which the tie-break below needs."""
+    bits = values.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
 def _keep_top(scores: list[torch.Tensor], n_keep: int) -> list[torch.Tensor]:
-    """Masks keeping exactly the `n_keep` highest scores across `scores` (ties broken by position)."""
+    """Masks keeping exactly the `n_keep` highest scores across `scores`; among scores equal to the lowest one kept,
+    the first in flat order (the tensors concatenated, each row-major) are kept.
+
+    The tie-break is by position so that it can be reproduced without the scores in one place: FSDP2 shards score
+    their own rows and count ties with a collective (`hf_tickets.sharded`). `topk` alone breaks ties arbitrarily.
+    """
     flat = torch.cat([s.reshape(-1).float().cpu() for s in scores])
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     if n_keep > 0:
-        keep[torch.topk(flat, n_keep, sorted=False).indices] = True
+        keys = order_keys(flat)
+        threshold = torch.topk(keys, n_keep, sorted=False).values.min()
+        above, tied = keys > threshold, keys == threshold
+        need = n_keep - int(above.sum())
+        keep = above | (tied & (torch.cumsum(tied, 0) <= need))
     out, offset = [], 0
     for s in scores:
         out.append(keep[offset : offset + s.numel()].view(s.shape))
         offset += s.numel()
     return out
+
+
+def pool_keep_count(numel: int, alive: int, rate: float, relative: bool) -> int:
+    """Entries a pool of `numel` entries (`alive` of them still kept) keeps after pruning at `rate`."""
+    if relative:
+        return alive - int(round(rate * alive))
+    return min(alive, numel - int(round(rate * numel)))
+
+
+def capped_counts(numels: list[int], alives: list[int], n_keep: int, cap: float, pool: list[str]) -> list[int]:
+    """How many entries each tensor of a pool keeps first under `max_layer_sparsity=cap` (see `_keep_top_capped`);
+    raises when the pool's count is below what the cap forces."""
+    forced_counts = [min(min_kept(numel, cap), alive) for numel, alive in zip(numels, alives)]
+    if len(pool) == 1:  # a pool of one tensor was checked against the cap by the config; only rounding differs
+        forced_counts[0] = min(forced_counts[0], n_keep)
+    if sum(forced_counts) > n_keep:
+        raise ValueError(
+            f"max_layer_sparsity={cap} cannot hold: the {len(pool)} tensors pruned together ({pool[:3]}"
+            f"{' ...' if len(pool) > 3 else ''}) must keep {sum(forced_counts)} weights under the cap, but the target "
+            f"keeps {n_keep}. Lower SparsityConfig.sparsity or raise max_layer_sparsity."
+        )
+    return forced_counts
 
 
 def masks_from_scores(
@@ -92,10 +130,7 @@ def masks_from_scores(
         pool_rate = rate * factor
         numel = sum(adjusted[n].numel() for n in pool)
         alive = numel if current is None else sum(int(current[n].sum()) for n in pool)
-        if relative:
-            n_keep = alive - int(round(pool_rate * alive))
-        else:
-            n_keep = min(alive, numel - int(round(pool_rate * numel)))
+        n_keep = pool_keep_count(numel, alive, pool_rate, relative)
         pool_scores = [adjusted[n] for n in pool]
         if max_layer_sparsity is None:
             kept = _keep_top(pool_scores, n_keep)
@@ -121,18 +156,8 @@ def _keep_top_capped(
     """`_keep_top` with every tensor keeping at least its `min_kept` highest (alive) entries: those are kept
     first, and the rest of the `n_keep` budget goes to the highest scores left anywhere in the pool. The result is
     what one global threshold gives, except that no tensor falls below the cap's count."""
-    forced_counts = []
-    for name, s in zip(pool, scores):
-        alive = s.numel() if current is None else int(current[name].sum())
-        forced_counts.append(min(min_kept(s.numel(), cap), alive))
-    if len(pool) == 1:  # a pool of one tensor was checked against the cap by the config; only rounding differs
-        forced_counts[0] = min(forced_counts[0], n_keep)
-    if sum(forced_counts) > n_keep:
-        raise ValueError(
-            f"max_layer_sparsity={cap} cannot hold: the {len(pool)} tensors pruned together ({pool[:3]}"
-            f"{' ...' if len(pool) > 3 else ''}) must keep {sum(forced_counts)} weights under the cap, but the target "
-            f"keeps {n_keep}. Lower SparsityConfig.sparsity or raise max_layer_sparsity."
-        )
+    alives = [s.numel() if current is None else int(current[name].sum()) for name, s in zip(pool, scores)]
+    forced_counts = capped_counts([s.numel() for s in scores], alives, n_keep, cap, pool)
     forced = [_keep_top([s], k)[0] for s, k in zip(scores, forced_counts)]
     rest = [s.detach().float().cpu().masked_fill(f, float("-inf")) for s, f in zip(scores, forced)]
     extra = _keep_top(rest, n_keep - sum(forced_counts))

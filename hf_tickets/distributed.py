@@ -1,5 +1,5 @@
 """Rank-consistent masks under `torch.distributed` (DDP, FSDP2), and the refusal of set-ups whose masks cannot be
-kept correct (DeepSpeed ZeRO-3, FSDP1, mask-changing methods under FSDP2).
+kept correct (DeepSpeed ZeRO-3, FSDP1, methods that change masks inside a level under FSDP2).
 
 Why a module of its own: every failure it guards against is silent. Ranks that score weights on their own batches
 (SNIP) or hold differently initialised weights compute different masks and DDP then averages gradients of different
@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .allocation import order_keys
 from .masks import MaskSet, pack_bits
 
 logger = logging.getLogger(__name__)
@@ -152,12 +153,6 @@ def model_is_sharded(model: torch.nn.Module) -> bool:
 # ---- global thresholds without gathering the weights ---------------------------------------------------------------
 
 
-def _order_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is the float order of `values` (the IEEE-754 bit trick for float32)."""
-    bits = values.detach().float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
-
-
 def _key_to_float(key: int) -> float:
     bits = key if key >= 0 else (-(key + 1)) | -0x80000000
     return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item())
@@ -170,26 +165,44 @@ def kth_smallest(local_scores: Sequence[torch.Tensor], k: int, group: Optional[A
     sums the counts with one `all_reduce` of a single integer. What a global magnitude threshold over FSDP2 shards
     needs; equal to `torch.cat(all scores).kthvalue(k)` in float32.
     """
-    keys = [_order_keys(s.reshape(-1)) for s in local_scores if s.numel()]
-    device = keys[0].device if keys else torch.device("cpu")
+    keys = [order_keys(s.reshape(-1)) for s in local_scores if s.numel()]
+    return _key_to_float(kth_smallest_keys([keys], [k], group)[0])
+
+
+def _count_device(keys: Sequence[torch.Tensor], group: Optional[Any]) -> torch.device:
     if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    total = torch.tensor([sum(int(x.numel()) for x in keys)], dtype=torch.int64, device=device)
+        return torch.device("cuda", torch.cuda.current_device())
+    return keys[0].device if keys else torch.device("cpu")
+
+
+def kth_smallest_keys(
+    pools: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], group: Optional[Any] = None
+) -> list[int]:
+    """For every pool of local `order_keys` tensors, the k-th smallest key over all ranks (1-based `ks[i]`).
+
+    All pools bisect together: 32 rounds, each one `all_reduce` of one integer per pool (an IMP level of BERT-base
+    with a threshold per tensor costs 32 small collectives, not 32 per tensor). No key leaves its rank.
+    """
+    device = _count_device([x for pool in pools for x in pool], group)
+    total = torch.tensor([sum(int(x.numel()) for x in pool) for pool in pools], dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.all_reduce(total, group=group)
-    if not 1 <= k <= int(total.item()):
-        raise ValueError(f"k={k} is outside 1..{int(total.item())}, the number of scores on all ranks.")
-    lo, hi = -(2**31), 2**31 - 1  # the answer's key lies in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        count = torch.tensor([sum(int((x <= mid).sum()) for x in keys)], dtype=torch.int64, device=device)
+    for k, n in zip(ks, total.tolist()):
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} is outside 1..{n}, the number of scores on all ranks.")
+    lo = [-(2**31)] * len(pools)  # each answer's key lies in [lo, hi]
+    hi = [2**31 - 1] * len(pools)
+    while any(a < b for a, b in zip(lo, hi)):
+        mid = [(a + b) // 2 for a, b in zip(lo, hi)]
+        count = torch.tensor(
+            [sum(int((x <= m).sum()) for x in pool) for pool, m in zip(pools, mid)], dtype=torch.int64, device=device
+        )
         if dist.is_initialized():
             dist.all_reduce(count, group=group)
-        if int(count.item()) >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return _key_to_float(lo)
+        for i, (c, k) in enumerate(zip(count.tolist(), ks)):
+            if lo[i] < hi[i]:
+                lo[i], hi[i] = (lo[i], mid[i]) if c >= k else (mid[i] + 1, hi[i])
+    return lo
 
 
 # ---- what cannot be kept correct is refused -------------------------------------------------------------------------
@@ -237,8 +250,11 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
       DeepSpeed steps inside `backward`, so no hook sees dense gradients before the step. Fixed masks are kept by
       re-masking the fp32 master partitions after every step (`zero_master_weights_`);
     * FSDP1: its flat parameters hide the per-tensor names the masks are keyed by (use FSDP2, `fsdp_version: 2`);
-    * FSDP2 with a method that computes masks during training (IMP levels, RigL/SET, gradual magnitude, SR-STE):
-      those would score sharded weights, which is not implemented; masks fixed before sharding are supported.
+    * FSDP2 with a method that changes masks inside a level (RigL/SET, gradual magnitude, SR-STE): it would need
+      the dense gradients or weights of every shard at every update, which is not implemented. IMP is supported:
+      it changes masks only between levels, from the shards (`hf_tickets.sharded`), and rewinds through
+      accelerate's FSDP checkpoint helpers; it needs `FULL_STATE_DICT` so that level folders hold the
+      single-device `model.safetensors`. Masks fixed before sharding are supported too.
     """
     name = type(method).__name__
     stage = deepspeed_stage(args, accelerator)
@@ -268,11 +284,19 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
             "FSDP1 is not supported by hf_tickets: its flat parameters lose the per-tensor names masks are keyed by. "
             "Use FSDP2: fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)."
         )
-    if version == 2 and (method.iterative or method.acts_during_training()):
+    if version == 2 and method.iterative:
+        kind = str(getattr(accelerator.state.fsdp_plugin, "state_dict_type", "FULL_STATE_DICT"))
+        if "FULL_STATE_DICT" not in kind:
+            raise ValueError(
+                f"{name} under FSDP2 needs fsdp_state_dict_type: FULL_STATE_DICT (got {kind}): each level folder "
+                "holds the single-device model.safetensors, which transformers' save_model writes under FSDP only "
+                "from a full state dict. Set it in the accelerate config (recipes/accelerate/fsdp2.yaml does)."
+            )
+    if version == 2 and method.has_step_hooks():
         raise ValueError(
-            f"{name} changes masks during training, which needs scores of the sharded weights: not supported under "
-            "FSDP2 yet. Under FSDP2 use a method whose masks are fixed before training (magnitude, random, N:M, "
-            "SNIP, GraSP, SynFlow), or train with DDP (recipes/accelerate/ddp.yaml)."
+            f"{name} changes masks during training from dense gradients or weights of the shards: not supported "
+            "under FSDP2 yet. Under FSDP2 use IMP or a method whose masks are fixed before training (magnitude, "
+            "random, N:M, SNIP, GraSP, SynFlow), or train with DDP (recipes/accelerate/ddp.yaml)."
         )
 
 

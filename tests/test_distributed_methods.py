@@ -97,18 +97,21 @@ def test_deepspeed_stage_of_an_accelerate_launch():
 
 
 @pytest.mark.parametrize(
-    "version, method, refused",
+    "version, method, refused, state_dict_type",
     [
-        (1, FIXED, "FSDP1 is not supported"),
-        (2, IMP, "not supported under FSDP2"),
-        (2, RIGL, "FSDP2"),
-        (2, FIXED, None),
+        (1, FIXED, "FSDP1 is not supported", "FULL_STATE_DICT"),
+        (2, IMP, None, "FULL_STATE_DICT"),  # IMP levels are computed from the shards (hf_tickets.sharded)
+        (2, IMP, "needs fsdp_state_dict_type: FULL_STATE_DICT", "SHARDED_STATE_DICT"),
+        (2, RIGL, "changes masks during training .* not supported under FSDP2", "FULL_STATE_DICT"),
+        (2, dict(method="set", sparsity=0.5), "not supported under FSDP2", "FULL_STATE_DICT"),
+        (2, FIXED, None, "FULL_STATE_DICT"),
+        (2, FIXED, None, "SHARDED_STATE_DICT"),
     ],
 )
-def test_fsdp_launches_that_cannot_keep_masks_are_refused(version, method, refused):
+def test_fsdp_launches_that_cannot_keep_masks_are_refused(version, method, refused, state_dict_type):
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(fsdp_version=version)
+    plugin = SimpleNamespace(fsdp_version=version, state_dict_type=f"StateDictType.{state_dict_type}")
     accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
     if refused:
         with pytest.raises(ValueError, match=refused):

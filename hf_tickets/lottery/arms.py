@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..distributed import model_is_sharded
 from ..masks import MaskSet
 from .identity import tensors_digest, weights_digest
 
@@ -64,17 +65,26 @@ def load_into_(model: nn.Module, path: str) -> None:
     model's adapter folder through peft's loader (no copy of the model)."""
     from ..checkpoints import load_saved_weights
     from ..peft_interop import is_adapter_folder, is_peft_model, load_adapter_folder_
+    from ..sharded import load_sharded_, weights_file
     from .lockstep import load_weights_
 
     if is_adapter_folder(path) and is_peft_model(model):
         load_adapter_folder_(model, path)
+        return
+    if model_is_sharded(model):  # FSDP2: each rank reads its own rows of the file
+        load_sharded_(model, weights_file(path))
         return
     device = next(model.parameters()).device
     load_weights_(model, {k: v.to(device) for k, v in load_saved_weights(path, model).items()})
 
 
 def start_digest(model: nn.Module) -> str:
-    """Hash of the masked weights an arm starts from: equal for both backends when they start alike."""
+    """Hash of the masked weights an arm starts from: equal for both backends when they start alike. Of an FSDP2
+    model: `sharded.live_digest` (the ranks' digests of their rows; no weight leaves its rank)."""
+    if model_is_sharded(model):
+        from ..sharded import live_digest
+
+        return live_digest(model)
     return weights_digest(model)
 
 

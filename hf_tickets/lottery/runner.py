@@ -29,6 +29,7 @@ from safetensors.torch import save_model
 from ..allocation import random_masks_like
 from ..checkpoints import load_saved_weights
 from ..datasets_source import data_line
+from ..distributed import model_is_sharded
 from ..enforce import apply_masks_
 from ..files import MASKS_NAME, WEIGHTS_NAME
 from ..masks import MaskSet
@@ -322,6 +323,12 @@ class LotteryRunner:
         done = level_dir(root, level)
         if is_complete(done):
             return MaskSet.load(done)
+        if model_is_sharded(self.trainer.model) and not self.peft:
+            # FSDP2: the live model takes level-1's weights, each rank reading its rows; IMP scores the shards
+            model = self.trainer.model
+            load_into_(model, level_dir(root, level - 1))
+            apply_masks_(model, current)
+            return self.method.next_level_masks(model, current, level)
         model = _cpu_copy(self.template)
         if self.peft:  # its level folder holds the adapters; the base is theta_0, pruned by the masks below
             load_into_(model, init_weights_path(root))
@@ -414,12 +421,18 @@ class LotteryRunner:
             return
         from .rewind import rewind_point_step
 
-        weights: dict = {}
-        for source in arm.start_sources():  # in the order the backend loads them
-            weights.update(self._saved_weights(source))
         step = (rewind_point_step(arm.rewind_point) or 0) if arm.rewind_point is not None else 0
         identity = arm.extra_metrics["identity"]
         identity["start_step"] = step
+        if model_is_sharded(self.trainer.model):  # FSDP2: each rank digests its rows of the start files
+            from ..sharded import planned_digest
+
+            identity["start_weights_sha256"] = planned_digest(self.trainer.model, arm.start_sources(), arm.masks)
+            identity["start_weights_digest"] = "fsdp2 shards"
+            return
+        weights: dict = {}
+        for source in arm.start_sources():  # in the order the backend loads them
+            weights.update(self._saved_weights(source))
         identity["start_weights_sha256"] = masked_copy_digest(self.template, weights, dict(arm.masks))
 
     def _saved_weights(self, path: str) -> dict:

@@ -137,7 +137,10 @@ class TrainerBackend:
             hook.first_start = False
         else:
             hook.sources = arm.start_sources()
-            hook.expected_digest = arm.extra_metrics.get("identity", {}).get("start_weights_sha256")
+            identity = arm.extra_metrics.get("identity", {})
+            # planned on the full weights before FSDP2 sharded the model (level 0): a sharded digest cannot match it
+            if identity.get("start_weights_digest") == "fsdp2 shards" or not _will_shard(trainer):
+                hook.expected_digest = identity.get("start_weights_sha256")
         added: list = []
         try:
             trainer.args.output_dir = partial
@@ -212,6 +215,13 @@ class TrainerBackend:
                 if name.startswith(PREFIX_CHECKPOINT_DIR):
                     shutil.rmtree(os.path.join(partial, name))
         self.trainer.accelerator.wait_for_everyone()
+
+
+def _will_shard(trainer: "LotteryTrainer") -> bool:
+    """True when the trainer trains under FSDP2 (its model is or will be sharded by accelerate)."""
+    from ..distributed import fsdp_version
+
+    return fsdp_version(trainer.accelerator) == 2
 
 
 def _step_of(checkpoint: str) -> int:

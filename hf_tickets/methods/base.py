@@ -129,10 +129,15 @@ class SparsityMethod:
 
     def acts_during_training(self) -> bool:
         """True when a training-time hook is overridden: the callback must run even while nothing is pruned."""
+        return self.iterative or self.has_step_hooks()
+
+    def has_step_hooks(self) -> bool:
+        """True when a hook that runs inside `Trainer.train` is overridden (RigL, SET, gradual, SR-STE): such a
+        method sees dense gradients or weights between steps, which FSDP2 holds only as shards. IMP changes masks
+        only between levels and has none."""
         cls = type(self)
         return (
-            self.iterative
-            or cls.on_train_begin is not SparsityMethod.on_train_begin
+            cls.on_train_begin is not SparsityMethod.on_train_begin
             or cls.on_dense_grads is not SparsityMethod.on_dense_grads
             or cls.after_optimizer_step is not SparsityMethod.after_optimizer_step
         )

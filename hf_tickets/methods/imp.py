@@ -12,6 +12,7 @@ from torch import nn
 
 from ..allocation import masks_from_scores
 from ..config import SparsityConfig
+from ..distributed import is_sharded
 from ..masks import MaskSet
 from ..scoring import magnitude_scores
 from .base import BatchSource, SparsityMethod, register_method
@@ -146,6 +147,20 @@ class IterativeMagnitudePruning(SparsityMethod):
         params = dict(model.named_parameters())
         targets = {name: params[name] for name in masks}
         cfg = self.config
+        if any(is_sharded(p) for p in targets.values()):  # FSDP2: each rank scores its rows; bitwise the same masks
+            from ..sharded import owned_local, sharded_masks_from_scores
+
+            new = sharded_masks_from_scores(
+                magnitude_scores({name: owned_local(p) for name, p in targets.items()}),
+                targets,
+                cfg.prune_fraction,
+                scope=cfg.scope,
+                layer_rates=cfg.layer_rates,
+                current=masks,
+                relative=True,
+                max_layer_sparsity=cfg.max_layer_sparsity,
+            )
+            return MaskSet(new, self._metadata(level=level))
         new = masks_from_scores(
             magnitude_scores(targets),
             cfg.prune_fraction,

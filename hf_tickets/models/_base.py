@@ -135,6 +135,11 @@ class ImageClassifierModel(PreTrainedModel):
     def compute_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_input_embeddings(self) -> None:
+        """None: an image classifier has no token embedding. PreTrainedModel's default raises, and accelerate's
+        FSDP2 preparation asks every model for it."""
+        return None
+
     def _check_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         side = cfg.image_size if self.fixed_input_size else None
