@@ -181,10 +181,11 @@ def print_result(r: dict) -> None:
         for (shape, inp), layers in shapes.items():
             speed = sorted(x["speedup"] for x in layers)
             chosen = sum(x["chosen"] == "sparse" for x in layers)
+            kernels = sorted({x["kernel"] for x in layers if x.get("kernel")})
             print(
                 f"    weight {'x'.join(map(str, shape)):>11s} input {'x'.join(map(str, inp)):>14s}: {len(layers):3d} "
                 f"layers, per-layer sparse speedup median {speed[len(speed) // 2]:.2f} (min {speed[0]:.2f}, max "
-                f"{speed[-1]:.2f}), {chosen} converted"
+                f"{speed[-1]:.2f}), {chosen} converted, fastest kernel {', '.join(kernels)}"
             )
 
 

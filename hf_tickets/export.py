@@ -7,8 +7,14 @@ user's batch, captured by one forward pass), dense against sparse, and converted
 `min_speedup`; the rest stays dense. cuSPARSELt's algorithm search (`torch._cslt_sparse_mm_search`) is never run:
 in float16 it failed with a cuSPARSELt internal error and then an illegal instruction that killed the process
 (issue 12), and in bfloat16 (H200, torch 2.11, cuSPARSELt 0.8) the id it returned was refused by a later matmul
-("invalid value when calling cusparseLtMatmulAlgSetAttribute", docs/results/nm_inference_search_h200.log). The
-default algorithm is used.
+("invalid value when calling cusparseLtMatmulAlgSetAttribute", docs/results/nm_inference_search_h200.log). Instead
+a few algorithm ids are tried by hand (`alg_ids`, in bfloat16 only): on the H200 id 1 ran the MLP block's
+projections 1.58x / 1.49x faster than dense where the default id 0 gave 1.40x / 1.05x
+(benchmarks/nm_mlp_kernels.py, docs/nm.md).
+
+Each layer is timed in context: a layer chosen sparse is swapped in during the same probing pass, so the layers after
+it are timed on the input they will really get (cuSPARSELt returns its result transposed in memory, which changes the
+next layer's kernel).
 
 Checkpoints stay dense (exact zeros + masks.safetensors); this conversion is for serving a loaded model.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +49,7 @@ class LayerChoice:
     sparse_ms: Optional[float] = None
     chosen: str = "dense"
     reason: str = ""
+    kernel: str = ""  # the fastest sparse candidate (e.g. "cuSPARSELt alg 1"), converted or not
 
     @property
     def speedup(self) -> Optional[float]:
@@ -130,11 +137,31 @@ def cuda_event_timer(warmup: int = 3, reps: int = 10, inner: int = 5) -> Timer:
     return timer
 
 
-def _default_convert(weight: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
-    """PyTorch's semi-structured form (cuSPARSELt on Hopper), default algorithm: no search (see the module doc)."""
-    from torch.sparse import to_sparse_semi_structured
+# Tried by hand in bfloat16 (id 0 is the default); float16 keeps the default id: its search path crashed (module doc)
+DEFAULT_ALG_IDS = (0, 1)
 
-    return to_sparse_semi_structured(weight.detach().contiguous())
+
+def cusparselt_converter(alg_id: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """PyTorch's semi-structured form (cuSPARSELt on Hopper) with algorithm `alg_id` set by hand, no search."""
+
+    def convert(weight: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        from torch.sparse import to_sparse_semi_structured
+
+        sparse = to_sparse_semi_structured(weight.detach().contiguous())
+        if alg_id:
+            sparse.alg_id_cusparselt = alg_id
+        return sparse
+
+    return convert
+
+
+def _candidates(
+    convert: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], alg_ids: Sequence[int], dtype: torch.dtype
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    if convert is not None:
+        return {"injected": convert}
+    ids = list(dict.fromkeys(alg_ids)) if dtype == torch.bfloat16 else [0]
+    return {f"cuSPARSELt alg {a}": cusparselt_converter(a) for a in ids}
 
 
 def _batch_call(model: nn.Module, example_batch: Any) -> None:
@@ -151,6 +178,7 @@ def sparse_inference(
     example_batch: Any,
     *,
     min_speedup: float = 1.05,
+    alg_ids: Sequence[int] = DEFAULT_ALG_IDS,
     timer: Optional[Timer] = None,
     convert: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> InferenceReport:
@@ -158,15 +186,17 @@ def sparse_inference(
 
     One forward pass over `example_batch` (a dict of model inputs, a tuple, or a tensor, at the batch shape you
     will serve) runs with hooks on every `nn.Linear` whose weight holds 2:4 along its input features: each such
-    layer is timed on its own input, dense against sparse, and replaced by its sparse form only where the sparse
-    one took at most dense / `min_speedup`. The sparse output is also checked against the dense one before timing.
-    The model is changed in place (inference only: converted weights take no gradient) and a per-layer report is
-    returned (`report.to_markdown()` fits a model card).
+    layer is timed on its own input, dense against each sparse candidate (cuSPARSELt with each of `alg_ids`), and
+    replaced by the fastest one only where it took at most dense / `min_speedup`. A layer is replaced at once, so
+    the layers after it are timed on the input they will get. Each sparse output is checked against the dense one
+    before timing. The model is changed in place (inference only: converted weights take no gradient) and a
+    per-layer report is returned (`report.to_markdown()` fits a model card).
 
     Args:
         model: a model on a CUDA device in float16 or bfloat16 (e.g. `model.to("cuda", torch.bfloat16)`).
         example_batch: inputs at the serving shape.
         min_speedup: a layer is converted when dense_ms / sparse_ms >= this (a margin over timing noise).
+        alg_ids: cuSPARSELt algorithm ids to try in bfloat16 (float16 uses the default id 0 only).
         timer, convert: injected by tests (a fake timer and converter make the dispatch testable on a CPU).
 
     Without a CUDA device (and no injected timer) nothing is changed and the report says why.
@@ -186,11 +216,9 @@ def sparse_inference(
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{device} (injected timer)"
-    if convert is None:
-        convert = _default_convert
+    candidates = _candidates(convert, alg_ids, dtype)
     report = InferenceReport(device=name, dtype=str(dtype).replace("torch.", ""), min_speedup=min_speedup)
     choices: dict[str, LayerChoice] = {}
-    sparse_weights: dict[str, torch.Tensor] = {}
     handles = []
 
     def probe(layer_name: str):
@@ -202,23 +230,32 @@ def sparse_inference(
             choice.input_shape = list(x.shape)
             w, b = module.weight, module.bias
             x2d = x.reshape(-1, x.shape[-1])
-            try:
-                sw = convert(w, x2d)
-                dense_out = nn.functional.linear(x, w, b).float()
-                sparse_out = nn.functional.linear(x, sw, b).float()
-                err = float((sparse_out - dense_out).norm() / dense_out.norm().clamp_min(1e-12))
-                if err > 2e-2:
-                    choice.reason = f"sparse output differs from dense (relative error {err:.3g})"
-                    return
-                choice.dense_ms, choice.sparse_ms = timer(
-                    layer_name, lambda: nn.functional.linear(x, w, b), lambda: nn.functional.linear(x, sw, b)
-                )
-            except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
-                choice.reason = f"not convertible: {str(err).splitlines()[0][:160]}"
+            dense_out = nn.functional.linear(x, w, b).float()
+            best: Optional[tuple[float, float, str, torch.Tensor]] = None  # (dense ms, sparse ms, kernel, weight)
+            failures = []
+            for kernel, convert_fn in candidates.items():
+                try:
+                    sw = convert_fn(w, x2d)
+                    sparse_out = nn.functional.linear(x, sw, b).float()
+                    err = float((sparse_out - dense_out).norm() / dense_out.norm().clamp_min(1e-12))
+                    if err > 2e-2:
+                        failures.append(f"{kernel}: sparse output differs from dense (relative error {err:.3g})")
+                        continue
+                    dense_ms, sparse_ms = timer(
+                        layer_name, lambda: nn.functional.linear(x, w, b), lambda sw=sw: nn.functional.linear(x, sw, b)
+                    )
+                except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
+                    failures.append(f"{kernel}: not convertible: {str(err).splitlines()[0][:160]}")
+                    continue
+                if best is None or dense_ms / sparse_ms > best[0] / best[1]:
+                    best = (dense_ms, sparse_ms, kernel, sw)
+            if best is None:
+                choice.reason = "; ".join(failures)
                 return
+            choice.dense_ms, choice.sparse_ms, choice.kernel, sw = best
             if choice.sparse_ms * min_speedup <= choice.dense_ms:
                 choice.chosen = "sparse"
-                sparse_weights[layer_name] = sw
+                module.weight = nn.Parameter(sw, requires_grad=False)  # this very call and the layers after see it
             else:
                 choice.reason = "sparse slower at this shape"
 
@@ -246,9 +283,6 @@ def sparse_inference(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for layer_name, sw in sparse_weights.items():
-        module = model.get_submodule(layer_name)
-        module.weight = nn.Parameter(sw, requires_grad=False)
     for choice in report.layers:
         if choice.input_shape is None and not choice.reason:
             choice.reason = "not called by the example batch"

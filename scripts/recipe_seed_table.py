@@ -10,6 +10,14 @@ after every run, so a stopped sweep keeps what it finished, and a rerun skips (a
         --arm "2:4 one-shot + fine-tune=recipes/bert_rotten_tomatoes_2_4.yaml" \\
         --arm "2:4 SR-STE=recipes/bert_rotten_tomatoes_sr_ste.yaml"
     python scripts/recipe_seed_table.py --summarize docs/results/nm_minilm/seeds.json
+
+`{seed}` in an override is replaced by the seed, so an arm can start from another arm's saved model of the same
+seed (--save-models DIR saves every final model as DIR/<arm name, spaces as dashes>_s<seed>):
+
+    python scripts/recipe_seed_table.py --seeds 0 --json dense.json --save-models models \
+        --arm "dense=recipes/bert_rotten_tomatoes_2_4.yaml 'sparsity={method: magnitude, sparsity: 0}'"
+    python scripts/recipe_seed_table.py --seeds 0 --json asp.json \
+        --arm "2:4 after dense=recipes/bert_rotten_tomatoes_2_4.yaml model.pretrained=models/dense_s{seed}"
 """
 
 from __future__ import annotations
@@ -38,11 +46,14 @@ def parse_arm(text: str) -> tuple[str, str, list[str]]:
     return name.strip(), recipe, overrides
 
 
-def train_one(recipe: str, overrides: list[str]) -> dict:
-    """One run: test accuracy at the lowest validation loss and at the end, and the masks' sparsity."""
+def train_one(recipe: str, overrides: list[str], save_to: str | None = None) -> dict:
+    """One run: test accuracy at the lowest validation loss and at the end, and the masks' sparsity. With `save_to`
+    the final model is saved there (a later arm can start from it: `model.pretrained=DIR/ARM_s{seed}`)."""
     start = time.time()
     trainer = build_trainer(load_recipe(recipe, overrides))
     trainer.train()
+    if save_to:
+        trainer.save_model(save_to)
     by_step: dict[int, dict] = {}  # Trainer logs each eval dataset on its own line: merge them by step
     for entry in trainer.state.log_history:
         if any(k.startswith("eval_") for k in entry):
@@ -67,10 +78,12 @@ def _stat(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
-def summarize(path: str) -> str:
+def summarize(*paths: str) -> str:
     """Markdown: per arm, seeds, mean ± std of test accuracy at early stop and at the end, per-seed values."""
-    with open(path, encoding="utf-8") as fh:
-        rows = json.load(fh)
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            rows += json.load(fh)
     arms: dict[str, list[dict]] = {}
     for row in rows:
         arms.setdefault(row["arm"], []).append(row)
@@ -93,10 +106,13 @@ def main() -> None:
     parser.add_argument("--arm", action="append", default=[], help="'NAME=RECIPE [key=value ...]' (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", help="results file (appended after every run)")
-    parser.add_argument("--summarize", metavar="JSON", help="print the markdown table of a results file and exit")
+    parser.add_argument("--save-models", metavar="DIR", help="save each run's final model as DIR/<arm>_s<seed>")
+    parser.add_argument(
+        "--summarize", metavar="JSON", nargs="+", help="print the markdown table of results files and exit"
+    )
     args = parser.parse_args()
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summarize(*args.summarize))
         return
     if not args.arm or not args.json:
         parser.error("give --arm (one or more) and --json, or --summarize")
@@ -111,8 +127,12 @@ def main() -> None:
                 extra = [f"training.seed={seed}", f"model.seed={seed}", f"training.output_dir={out}"]
                 if not torch.cuda.is_available():
                     extra.append("training.use_cpu=true")
-                ovr = [*overrides, *extra]
-                row = {"arm": name, "seed": seed, "recipe": recipe, "overrides": ovr, **train_one(recipe, ovr)}
+                ovr = [*(o.replace("{seed}", str(seed)) for o in overrides), *extra]
+                save_to = None
+                if args.save_models:
+                    save_to = os.path.join(args.save_models, f"{name.replace(' ', '-')}_s{seed}")
+                result = train_one(recipe, ovr, save_to)
+                row = {"arm": name, "seed": seed, "recipe": recipe, "overrides": ovr, **result}
             rows.append(row)
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w", encoding="utf-8") as fh:

@@ -375,6 +375,8 @@ def _dispatch_with_a_fake_timer():
     def fake_timer(name, dense_fn, sparse_fn):
         seen.append(name)
         assert torch.equal(dense_fn(), sparse_fn())  # both arms compute the layer
+        if name == "2":  # layer 0 went sparse at once: layer 2 is timed on the input it will really get
+            assert isinstance(model[0].weight.data, Marked)
         return timings[name]
 
     class Marked(torch.Tensor):
@@ -392,10 +394,18 @@ def _dispatch_with_a_fake_timer():
     assert by_name["0"].chosen == "sparse" and by_name["0"].speedup == pytest.approx(2.0)
     assert by_name["2"].chosen == "dense" and "slower" in by_name["2"].reason
     assert by_name["4"].chosen == "dense" and "does not hold 2:4" in by_name["4"].reason
-    assert by_name["0"].input_shape == [8, 3, 64]
+    assert by_name["0"].input_shape == [8, 3, 64] and by_name["0"].kernel == "injected"
     assert isinstance(model[0].weight.data, Marked) and not isinstance(model[2].weight.data, Marked)
     assert "| 0 | 128x64 | 8x3x64 |" in report.to_markdown()
     return report
+
+
+def test_sparse_inference_tries_cusparselt_algorithm_ids_in_bfloat16_only():
+    from hf_tickets.export import DEFAULT_ALG_IDS, _candidates
+
+    assert list(_candidates(None, DEFAULT_ALG_IDS, torch.bfloat16)) == ["cuSPARSELt alg 0", "cuSPARSELt alg 1"]
+    assert list(_candidates(None, (0, 1, 1, 3), torch.bfloat16)) == [f"cuSPARSELt alg {a}" for a in (0, 1, 3)]
+    assert list(_candidates(None, DEFAULT_ALG_IDS, torch.float16)) == ["cuSPARSELt alg 0"]  # no hand-set ids in fp16
 
 
 def test_sparse_inference_report_goes_into_the_model_card(tmp_path):

@@ -1,0 +1,189 @@
+"""Which 2:4 kernel serves the large MLP block fastest: PyTorch's semi-structured variants against dense, per layer.
+
+`sparse_inference` converts a Linear with `to_sparse_semi_structured` (cuSPARSELt, default algorithm, result
+transposed after the matmul). On the H200 that made the 4096 -> 14336 projection 1.31x faster at 65536 tokens but
+the 14336 -> 4096 one only 1.07x, and the block 1.24x (docs/nm.md). This script times, for each Linear of the block
+at the serving shape, every variant PyTorch offers without cuSPARSELt's algorithm search (which crashed in float16
+and returned refused ids in bfloat16):
+
+  dense        `F.linear(x, w, b)` on the pruned weight
+  cslt         `to_sparse_semi_structured(w)`: cuSPARSELt, algorithm 0, transpose after the matmul (what
+               `sparse_inference` uses today)
+  cslt_fused   cuSPARSELt with the transpose fused into the matmul (`SparseSemiStructuredTensor._FUSE_TRANSPOSE`)
+  cslt_algK    cuSPARSELt with algorithm id K set by hand (`--alg-ids`; an id the library refuses is reported)
+  cutlass      PyTorch's CUTLASS 2:4 kernels (`SparseSemiStructuredTensorCUTLASS`)
+
+and then the whole block with each variant on both layers and with the fastest variant per layer. Arms are
+interleaved (order reversed every other round) and timed with CUDA events; ratios are dense ms / arm ms, the
+median over rounds with the IQR. Every sparse output is checked against dense before it is timed.
+
+    PYTHONPATH=. python3 benchmarks/nm_mlp_kernels.py --json mlp_kernels.json
+    PYTHONPATH=. python3 benchmarks/nm_mlp_kernels.py --alg-ids 1 2 3 --json mlp_algs.json   # a refused id may crash
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from hf_tickets import SparsityConfig, apply_sparsity
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def converters(alg_ids: list[int]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """name -> function turning a 2:4 dense weight into the sparse weight `F.linear` takes."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    from torch.sparse.semi_structured import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    def fused(w: torch.Tensor) -> torch.Tensor:
+        previous = SparseSemiStructuredTensor._FUSE_TRANSPOSE
+        SparseSemiStructuredTensor._FUSE_TRANSPOSE = True
+        try:
+            return SparseSemiStructuredTensorCUSPARSELT.from_dense(w)
+        finally:
+            SparseSemiStructuredTensor._FUSE_TRANSPOSE = previous
+
+    def with_alg(alg: int, fuse: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def convert(w: torch.Tensor) -> torch.Tensor:
+            sw = fused(w) if fuse else SparseSemiStructuredTensorCUSPARSELT.from_dense(w)
+            sw.alg_id_cusparselt = alg
+            return sw
+
+        return convert
+
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "cslt": to_sparse_semi_structured,
+        "cslt_fused": fused,
+        "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense,
+    }
+    for alg in alg_ids:
+        if alg:
+            out[f"cslt_alg{alg}"] = with_alg(alg, fuse=False)
+            out[f"cslt_fused_alg{alg}"] = with_alg(alg, fuse=True)
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "n": len(values)}
+
+
+@torch.no_grad()
+def time_fns(fns: dict[str, Callable[[], torch.Tensor]], rounds: int, iters: int, warmup: int) -> dict[str, list]:
+    """ms per call of each function, per round: interleaved, order reversed every other round, CUDA events."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fns[name]()
+            end.record()
+            end.synchronize()
+            out[name].append(start.elapsed_time(end) / iters)
+    return out
+
+
+def ratios(per_round: dict[str, list[float]]) -> dict[str, dict]:
+    dense = per_round["dense"]
+    return {
+        name: {"ms": _stats(v), "speedup": _stats([d / x for d, x in zip(dense, v)])} for name, v in per_round.items()
+    }
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--inner", type=int, default=14336)
+    parser.add_argument("--alg-ids", type=int, nargs="*", default=[])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json")
+    opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU with 2:4 sparse tensor cores (cuSPARSELt)")
+    torch.manual_seed(0)
+    up, down = nn.Linear(opts.hidden, opts.inner), nn.Linear(opts.inner, opts.hidden)
+    block = nn.Sequential(up, nn.GELU(), down)
+    apply_sparsity(block, SparsityConfig(pattern="2:4"))
+    block = block.to("cuda", torch.bfloat16).eval()
+    x = torch.randn(opts.tokens, opts.hidden, device="cuda", dtype=torch.bfloat16)
+    h = nn.functional.gelu(up(x))
+    inputs = {"up": x, "down": h}
+    result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": vars(opts), "layers": {}}
+    sparse: dict[str, dict[str, torch.Tensor]] = {"up": {}, "down": {}}
+    for layer_name, layer in (("up", up), ("down", down)):
+        inp = inputs[layer_name]
+        ref = nn.functional.linear(inp, layer.weight, layer.bias).float()
+        fns: dict[str, Callable[[], torch.Tensor]] = {
+            "dense": lambda inp=inp, layer=layer: nn.functional.linear(inp, layer.weight, layer.bias)
+        }
+        errors: dict[str, str] = {}
+        for name, convert in converters(opts.alg_ids).items():
+            try:
+                sw = convert(layer.weight.detach().contiguous())
+                out = nn.functional.linear(inp, sw, layer.bias).float()
+                err = float((out - ref).norm() / ref.norm())
+                if err > 2e-2:
+                    errors[name] = f"output differs from dense (relative error {err:.3g})"
+                    continue
+            except Exception as exc:  # noqa: BLE001 - a variant this torch or GPU refuses is a result, not a crash
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
+            sparse[layer_name][name] = sw
+            fns[name] = lambda inp=inp, sw=sw, layer=layer: nn.functional.linear(inp, sw, layer.bias)
+        timed = ratios(time_fns(fns, opts.rounds, opts.iters, opts.warmup))
+        result["layers"][layer_name] = {"weight": list(layer.weight.shape), "timed": timed, "refused": errors}
+        print(f"\n{layer_name}: weight {tuple(layer.weight.shape)}, input {tuple(inp.shape)}")
+        for name, row in timed.items():
+            s = row["speedup"]
+            print(f"  {name:20s} {row['ms']['median']:8.3f} ms  {s['median']:.3f}x ({s['q1']:.3f}-{s['q3']:.3f})")
+        for name, why in errors.items():
+            print(f"  {name:20s} refused: {why}")
+
+    def best(layer_name: str) -> Optional[str]:
+        timed = result["layers"][layer_name]["timed"]
+        name = max(timed, key=lambda n: timed[n]["speedup"]["median"])
+        return None if name == "dense" else name
+
+    def block_fn(up_w: Optional[torch.Tensor], down_w: Optional[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        uw = up.weight if up_w is None else up_w
+        dw = down.weight if down_w is None else down_w
+        return lambda: nn.functional.linear(nn.functional.gelu(nn.functional.linear(x, uw, up.bias)), dw, down.bias)
+
+    arms = {"dense": block_fn(None, None)}
+    for name in sparse["up"]:
+        if name in sparse["down"]:
+            arms[name] = block_fn(sparse["up"][name], sparse["down"][name])
+    picks = {"up": best("up"), "down": best("down")}
+    arms["fastest_per_layer"] = block_fn(
+        sparse["up"].get(picks["up"]) if picks["up"] else None,
+        sparse["down"].get(picks["down"]) if picks["down"] else None,
+    )
+    timed = ratios(time_fns(arms, opts.rounds, opts.iters, opts.warmup))
+    result["block"] = {"timed": timed, "fastest_per_layer": picks}
+    print(f"\nMLP block {opts.hidden} -> {opts.inner} -> {opts.hidden}, {opts.tokens} tokens, bf16 (picks: {picks})")
+    for name, row in timed.items():
+        s = row["speedup"]
+        print(f"  {name:20s} {row['ms']['median']:8.3f} ms  {s['median']:.3f}x ({s['q1']:.3f}-{s['q3']:.3f})")
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
