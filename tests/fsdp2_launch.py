@@ -5,7 +5,8 @@ MULTI_GPU (MULTI_NPU, ...), and a CPU process is MULTI_CPU. FSDP2 itself runs on
 launcher sets up the process as accelerate would for CPU (gloo, MULTI_CPU), names it MULTI_GPU for the one moment
 `AcceleratorState` is built with an FSDP2 plugin, and then gets out of the way: the Trainer's `Accelerator` finds
 the state (distributed_type FSDP, the plugin) and runs accelerate's own `fsdp2_prepare_model`, state-dict, save and
-load helpers. Nothing of hf_tickets or transformers is patched.
+load helpers. Nothing of hf_tickets or transformers is patched; with FSDP2_OPTIMIZER_PROBE=DIR (and FSDP2_PROBE_STEP=k)
+every TicketTrainer gets one recording callback (`OptimizerProbe`).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_launch.py hf_tickets.cli run RECIPE ...
 """
@@ -38,7 +39,80 @@ def enter_fsdp2(state_dict_type: str = "FULL_STATE_DICT") -> None:
     assert AcceleratorState().distributed_type == DistributedType.FSDP
 
 
+class OptimizerProbe:
+    """Adam's moments of this rank's shards at step k of level 0, against every later arm's at its first step (after
+    resuming from the rewind point and `enforce_now`): equal to the step-k state with the arm's pruned entries
+    zeroed, and 0 non-zero entries under the arm's masks. Writes probe_rank<r>.json into `out` after each check."""
+
+    BUFFERS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, trainer, out: str, step: int) -> None:
+        self.trainer, self.out, self.step = trainer, out, step
+        self.at_k: dict = {}
+        self.results: dict = {}
+
+    def _state(self, model, optimizer) -> dict:
+        from hf_tickets.distributed import local
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+        out = {}
+        for name, param in model.named_parameters():
+            state = inner.state.get(param, {})
+            out[name] = {b: local(state[b]).detach().clone() for b in self.BUFFERS if b in state}
+            out[name]["step"] = float(state["step"]) if "step" in state else None
+        return out
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import json
+
+        import torch
+
+        if state.global_step != self.step:
+            return
+        arm = os.path.relpath(args.output_dir, os.path.dirname(os.path.dirname(args.output_dir)))
+        now = self._state(model, optimizer)
+        if not self.at_k:  # level 0 reaches step k first
+            self.at_k = now
+            return
+        callback = self.trainer.sparsity_callback
+        keep = dict(zip(callback.masks, callback.enforcer().local_masks()))
+        equal, pruned_nonzero, pruned_entries, sharded = True, 0, 0, 0
+        for name, buffers in now.items():
+            sharded += int("exp_avg" in buffers and buffers["exp_avg"].shape != model.get_parameter(name).shape)
+            equal &= buffers["step"] == self.at_k[name]["step"] == float(self.step)
+            for b in self.BUFFERS:
+                expected = self.at_k[name][b]
+                if name in keep:
+                    expected = expected.masked_fill(~keep[name], 0)
+                    pruned_nonzero += int((buffers[b][~keep[name]] != 0).sum())
+                    pruned_entries += int((~keep[name]).sum())
+                equal &= torch.equal(buffers[b], expected)
+        self.results[arm] = dict(
+            equal=bool(equal), pruned_nonzero=pruned_nonzero, pruned_entries=pruned_entries, sharded=sharded
+        )
+        with open(os.path.join(self.out, f"probe_rank{args.process_index}.json"), "w") as fh:
+            json.dump(self.results, fh)
+
+
+def install_probe(out: str, step: int) -> None:
+    """Every TicketTrainer gets an `OptimizerProbe` (test-only: the CLI builds the trainer)."""
+    from transformers import TrainerCallback
+
+    from hf_tickets.trainer import TicketTrainer
+
+    probe_cls = type("OptimizerProbeCallback", (OptimizerProbe, TrainerCallback), {})
+    init = TicketTrainer.__init__
+
+    def with_probe(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(probe_cls(self, out, step))
+
+    TicketTrainer.__init__ = with_probe
+
+
 if __name__ == "__main__":
     enter_fsdp2(os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT"))
+    if os.environ.get("FSDP2_OPTIMIZER_PROBE"):
+        install_probe(os.environ["FSDP2_OPTIMIZER_PROBE"], int(os.environ["FSDP2_PROBE_STEP"]))
     module, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -211,3 +211,116 @@ def test_fsdp2_on_two_gloo_ranks_keeps_sharded_masks_and_saves_single_device_fil
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+# ---- IMP under FSDP2 (issue 17, item 3) -----------------------------------------------------------------------------
+
+
+def test_keep_top_breaks_ties_by_flat_index():
+    """The exact count ends inside a run of equal scores: the first ones in flat order (tensors concatenated,
+    row-major) are kept, the rule FSDP2 shards reproduce with tie counts alone."""
+    from hf_tickets.allocation import _keep_top
+
+    a = torch.tensor([[0.5, 0.1, 0.1], [0.1, 0.9, 0.0]])
+    b = torch.tensor([0.1, 0.1, 0.7])
+    kept = _keep_top([a, b], 5)  # 0.9, 0.7, 0.5 and the first two of the five 0.1s
+    assert kept[0].tolist() == [[True, True, True], [False, True, False]]
+    assert kept[1].tolist() == [False, False, True]
+    assert [int(k.sum()) for k in _keep_top([a, b], 0)] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(scope="layerwise"),
+        dict(scope="global"),
+        dict(scope="global", max_layer_sparsity=0.6),
+        dict(scope="layerwise", layer_rates={"b": 0.5}),
+    ],
+)
+def test_sharded_masks_in_one_process_equal_masks_from_scores(fields):
+    """With one rank the sharded path owns every row: it must give `masks_from_scores`'s masks bitwise, ties
+    included (a third of the weights share one magnitude)."""
+    from hf_tickets.allocation import masks_from_scores
+    from hf_tickets.sharded import owned_local, sharded_masks_from_scores
+
+    g = torch.Generator().manual_seed(0)
+    params = {"a.weight": torch.randn(7, 5, generator=g), "b.weight": torch.randn(3, 4, generator=g) * 0.01}
+    for p in params.values():
+        p.view(-1)[::3] = 0.02
+    current = {n: torch.rand(p.shape, generator=g) > 0.2 for n, p in params.items()}
+    scores = {n: p.abs() for n, p in params.items()}
+    common = dict(current=current, relative=True, **fields)
+    expected = masks_from_scores(scores, 0.3, **common)
+    got = sharded_masks_from_scores({n: owned_local(p).abs() for n, p in params.items()}, params, 0.3, **common)
+    assert all(torch.equal(expected[n], got[n]) for n in params)
+
+
+@pytest.mark.slow
+def test_fsdp2_imp_masks_from_shards_equal_single_device_masks_bitwise(tmp_path):
+    """2 gloo ranks, odd layer sizes (uneven shards, one empty), 40% of each tensor at one magnitude: IMP's next
+    two levels from the shards equal `next_level_masks` on the full weights, layerwise, global, global with a cap
+    and with layer_rates; the exact counts split ties; a saved file loads into the shards row by row."""
+    out = tmp_path / "imp_shards"
+    out.mkdir()
+    _run([os.path.join(REPO, "tests", "fsdp2_imp_worker.py"), str(out)])
+    ranks = [json.load(open(out / f"rank_{r}.json")) for r in range(2)]
+    assert ranks[0]["sharded"] == ["0.weight", "2.weight", "3.weight"]
+    assert [r["local_rows"]["3.weight"] for r in ranks] == [1, 0]  # one row: rank 1's shard is empty
+    assert ranks[0]["cases"] == ranks[1]["cases"]
+    for case, levels in ranks[0]["cases"].items():
+        assert [level["equal"] for level in levels] == [True, True], case
+    assert sum(level["ties_split"] for levels in ranks[0]["cases"].values() for level in levels) >= 6
+    assert all(r["load_sharded_equal"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """The quickstart IMP recipe (2 levels, late rewinding to step 5, random-prune control) through the real CLI and
+    TicketTrainer under accelerate's own FSDP2 preparation (tests/fsdp2_launch.py) on 2 gloo ranks x 30 samples,
+    against one process x 60: masks of every level bitwise equal, weights within 1e-5, the same level files; after
+    each rewind, every rank's Adam moments equal its step-k shard with the arm's pruned entries zeroed."""
+    from safetensors.torch import load_file
+
+    one, two, probe = tmp_path / "one", tmp_path / "two", tmp_path / "probe"
+    probe.mkdir()
+    recipe = os.path.join(REPO, "recipes", "quickstart_digits.yaml")
+    cli = ["hf_tickets.cli", "run", recipe]
+    _run(["-m", *cli, f"training.output_dir={one}", "training.per_device_train_batch_size=60", *IMP_ARGS], nproc=1)
+    os.environ.update(FSDP2_OPTIMIZER_PROBE=str(probe), FSDP2_PROBE_STEP="5")
+    try:
+        result = _run(
+            [
+                os.path.join(REPO, "tests", "fsdp2_launch.py"),
+                *cli,
+                f"training.output_dir={two}",
+                "training.per_device_train_batch_size=30",
+                'training.accelerator_config={"use_configured_state": true}',
+                *IMP_ARGS,
+            ]
+        )
+    finally:
+        for key in ("FSDP2_OPTIMIZER_PROBE", "FSDP2_PROBE_STEP"):
+            os.environ.pop(key)
+    assert result.stdout.count("IMP run in") == 1  # one writer
+    largest = 0.0
+    for folder in ("level_00", "level_01", "level_02", "rewind_point"):
+        assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
+        a, b = load_file(one / folder / "model.safetensors"), load_file(two / folder / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{folder}/{key}")
+            largest = max(largest, float((a[key] - b[key]).abs().max()))
+        if folder != "rewind_point":  # a Trainer checkpoint: accelerate's FSDP optimizer file instead of optimizer.pt
+            assert sorted(os.listdir(one / folder)) == sorted(os.listdir(two / folder)), folder
+    print(f"largest weight difference: {largest:.3g}")
+    assert MaskSet.load(one / "level_02").kept() < MaskSet.load(one / "level_01").kept()
+    control = f"{one}.random_prune", f"{two}.random_prune"
+    assert MaskSet.load(os.path.join(control[0], "level_02")) == MaskSet.load(os.path.join(control[1], "level_02"))
+    assert (two / "rewind_point" / "optimizer.bin").is_file()  # accelerate's FSDP2 optimizer state, restored
+    for r in range(2):
+        checks = json.load(open(probe / f"probe_rank{r}.json"))
+        assert sorted(checks) == ["two.random_prune/level_02.partial", "two/level_01.partial", "two/level_02.partial"]
+        for arm, check in checks.items():
+            assert check["equal"] and check["pruned_nonzero"] == 0 and check["pruned_entries"] > 0, (r, arm)
+            assert check["sharded"] == 6, (r, arm)  # every parameter's state is a shard
