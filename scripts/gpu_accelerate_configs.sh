@@ -8,6 +8,11 @@
 #
 #   bash scripts/gpu_accelerate_configs.sh                 # GPU machine; needs < 8 minutes
 #   SIZE=tiny MODES="cpu_multiprocess" bash scripts/gpu_accelerate_configs.sh   # what runs on a CPU machine
+#   MODES=fsdp2_imp bash scripts/gpu_accelerate_configs.sh   # IMP under FSDP2 (not in the default MODES; ~1 minute)
+#
+# fsdp2_imp: the quickstart IMP recipe (2 levels, late rewinding to step 5, random-prune control, 20 steps a level)
+# under fsdp2.yaml with FSDP2_IMP_PROCS processes (default 1; the global batch stays 60), against the same run in
+# one process without FSDP: masks of every level bitwise equal and weights within 1e-5, or the mode fails.
 #
 # DeepSpeed: installed from build/whl when missing on a GPU machine (build/whl holds deepspeed 0.19.8, built with
 # DS_BUILD_OPS=0, and its dependencies for Python 3.10-3.13: pip install --no-index --find-links build/whl deepspeed).
@@ -35,7 +40,42 @@ if [[ "$MODES" == *deepspeed* ]] && ! $PY -c "import deepspeed" 2>/dev/null \
 fi
 
 : > "$OUT/summary.txt"
+fsdp2_imp() {  # IMP under FSDP2 against one device without FSDP (see the header)
+  local procs=${FSDP2_IMP_PROCS:-1} dir="$OUT/fsdp2_imp"
+  local imp=(training.max_steps=20 training.eval_steps=10 training.logging_steps=10 sparsity.levels=2
+             sparsity.rewind_step=5 "controls=[random_prune]" "control_levels=[2]" training.use_cpu=false)
+  rm -rf "$dir" "$dir".*; mkdir -p "$dir"
+  $PY -m hf_tickets.cli run recipes/quickstart_digits.yaml training.output_dir="$dir/one" "${imp[@]}" \
+      training.per_device_train_batch_size=60 > "$OUT/fsdp2_imp_one.log" 2>&1 || return 1
+  timeout "$PER_MODE_TIMEOUT" $PY -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2.yaml \
+      --num_processes "$procs" -m hf_tickets.cli run recipes/quickstart_digits.yaml training.output_dir="$dir/fsdp2" \
+      "${imp[@]}" training.per_device_train_batch_size=$((60 / procs)) > "$OUT/fsdp2_imp.log" 2>&1 || return 1
+  $PY - "$dir" "$procs" > "$OUT/fsdp2_imp.json" <<'PY'
+import json, os, sys
+from safetensors.torch import load_file
+from hf_tickets import MaskSet
+d, procs = sys.argv[1], int(sys.argv[2])
+out = {"mode": "fsdp2_imp", "world_size": procs, "levels": {}}
+for f in ("level_00", "level_01", "level_02", "rewind_point"):
+    a, b = (os.path.join(d, run, f) for run in ("one", "fsdp2"))
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    out["levels"][f] = {"masks_equal": MaskSet.load(a) == MaskSet.load(b),
+                        "max_abs_diff": max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)}
+out["control_masks_equal"] = MaskSet.load(f"{d}/one.random_prune/level_02") == MaskSet.load(f"{d}/fsdp2.random_prune/level_02")
+out["ok"] = out["control_masks_equal"] and all(v["masks_equal"] and v["max_abs_diff"] <= 1e-5 for v in out["levels"].values())
+print(json.dumps(out))
+sys.exit(0 if out["ok"] else 1)
+PY
+}
+
 for mode in $MODES; do
+  if [[ "$mode" == fsdp2_imp ]]; then
+    t0=$(date +%s); fsdp2_imp; rc=$?; t1=$(date +%s)
+    line=$(cat "$OUT/fsdp2_imp.json" 2>/dev/null || tail -n 3 "$OUT/fsdp2_imp.log" | tr '\n' ' ' | cut -c1-300)
+    echo "fsdp2_imp: $([[ $rc == 0 ]] && echo OK || echo "FAILED rc=$rc") in $((t1 - t0)) s; $line" \
+      | tee -a "$OUT/summary.txt"
+    continue
+  fi
   config="recipes/accelerate/$mode.yaml"
   extra=()
   launch=(--num_processes 1)
