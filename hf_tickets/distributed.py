@@ -146,8 +146,15 @@ def local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def model_is_sharded(model: torch.nn.Module) -> bool:
-    """True when the model's parameters are FSDP2 `DTensor`s."""
-    return any(is_sharded(p) for p in model.parameters())
+    """True when the model's parameters are FSDP2 `DTensor`s, or it holds FSDP2 modules (whose parameters a
+    forward may have left unsharded: see `sharded.reshard_`)."""
+    if any(is_sharded(p) for p in model.parameters()):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 # ---- global thresholds without gathering the weights ---------------------------------------------------------------

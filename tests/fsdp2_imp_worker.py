@@ -71,6 +71,33 @@ def ties_at_threshold(model: nn.Module, old: MaskSet, new: MaskSet) -> int:
     return split
 
 
+def bert_case() -> dict:
+    """A tiny BERT sharded as accelerate does (one group per layer, the classifier as a tail group that stays
+    unsharded after a forward, the root): after an evaluation forward, two global IMP levels from the shards equal
+    the full model's."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import make_bert
+    from torch.distributed.fsdp import fully_shard
+
+    full = make_bert(seed=0).eval()
+    sharded = copy.deepcopy(full)
+    for layer in sharded.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard([sharded.classifier], reshard_after_forward=False)
+    fully_shard(sharded)
+    with torch.no_grad():
+        sharded(input_ids=torch.arange(8).view(1, 8) % 100)
+    unsharded_after_forward = not is_sharded(sharded.classifier.weight)
+    names = [n for n, p in full.named_parameters() if p.dim() == 2 and "embeddings" not in n]
+    method = build_method(SparsityConfig(method="imp", levels=2, prune_fraction=0.3, scope="global"))
+    got = {}
+    for kind, model in (("full", full), ("sharded", sharded)):
+        current = MaskSet({n: torch.ones_like(dict(full.named_parameters())[n], dtype=torch.bool) for n in names})
+        got[kind] = [current := method.next_level_masks(model, current, level) for level in (1, 2)]
+    equal = [all(torch.equal(a[n], b[n]) for n in a) for a, b in zip(got["full"], got["sharded"])]
+    return {"unsharded_after_forward": unsharded_after_forward, "equal": equal, "tensors": len(names)}
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -103,6 +130,7 @@ def main(out: str) -> None:
             )
             previous = a
         result["cases"][case] = levels
+    result["bert"] = bert_case()
     # Loading a saved file into the sharded model reads only this rank's rows and gives the full model's weights.
     path = os.path.join(out, "weights.safetensors")
     if rank == 0:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..allocation import masks_from_scores
 from ..config import SparsityConfig
-from ..distributed import is_sharded
+from ..distributed import model_is_sharded
 from ..masks import MaskSet
 from ..scoring import magnitude_scores
 from .base import BatchSource, SparsityMethod, register_method
@@ -144,11 +144,13 @@ class IterativeMagnitudePruning(SparsityMethod):
 
     def next_level_masks(self, model: nn.Module, masks: MaskSet, level: int) -> MaskSet:
         """Prune `prune_fraction` of the weights alive in `masks`, by the trained model's magnitudes."""
-        params = dict(model.named_parameters())
-        targets = {name: params[name] for name in masks}
         cfg = self.config
-        if any(is_sharded(p) for p in targets.values()):  # FSDP2: each rank scores its rows; bitwise the same masks
-            from ..sharded import owned_local, sharded_masks_from_scores
+        if model_is_sharded(model):  # FSDP2: each rank scores its rows; bitwise the same masks
+            from ..sharded import owned_local, reshard_, sharded_masks_from_scores
+
+            reshard_(model)
+            params = dict(model.named_parameters())
+            targets = {name: params[name] for name in masks}
 
             new = sharded_masks_from_scores(
                 magnitude_scores({name: owned_local(p) for name, p in targets.items()}),
@@ -161,6 +163,8 @@ class IterativeMagnitudePruning(SparsityMethod):
                 max_layer_sparsity=cfg.max_layer_sparsity,
             )
             return MaskSet(new, self._metadata(level=level))
+        params = dict(model.named_parameters())
+        targets = {name: params[name] for name in masks}
         new = masks_from_scores(
             magnitude_scores(targets),
             cfg.prune_fraction,
