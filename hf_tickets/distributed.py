@@ -261,7 +261,8 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
       the dense gradients or weights of every shard at every update, which is not implemented. IMP is supported:
       it changes masks only between levels, from the shards (`hf_tickets.sharded`), and rewinds through
       accelerate's FSDP checkpoint helpers; it needs `FULL_STATE_DICT` so that level folders hold the
-      single-device `model.safetensors`. Masks fixed before sharding are supported too.
+      single-device `model.safetensors`, and not on a peft (LoRA) model. Masks fixed before sharding are
+      supported too.
     """
     name = type(method).__name__
     stage = deepspeed_stage(args, accelerator)
@@ -290,6 +291,12 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
         raise ValueError(
             "FSDP1 is not supported by hf_tickets: its flat parameters lose the per-tensor names masks are keyed by. "
             "Use FSDP2: fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)."
+        )
+    if version == 2 and method.iterative and getattr(method, "inner", None) is not None:
+        raise ValueError(
+            "IMP on a peft (LoRA) model is not supported under FSDP2: its levels load adapters onto a frozen pruned "
+            "base, which is not wired up for sharded parameters. Train it with DDP (recipes/accelerate/ddp.yaml) or "
+            "on one device."
         )
     if version == 2 and method.iterative:
         kind = str(getattr(accelerator.state.fsdp_plugin, "state_dict_type", "FULL_STATE_DICT"))

@@ -120,6 +120,16 @@ def test_fsdp_launches_that_cannot_keep_masks_are_refused(version, method, refus
         check_supported(SimpleNamespace(deepspeed=None), accelerator, _method(**method))
 
 
+def test_imp_on_a_peft_model_is_refused_under_fsdp2():
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(fsdp_version=2, state_dict_type="StateDictType.FULL_STATE_DICT")
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    wrapped = SimpleNamespace(iterative=True, inner=_method(**IMP), has_step_hooks=lambda: True)
+    with pytest.raises(ValueError, match="peft"):
+        check_supported(SimpleNamespace(deepspeed=None), accelerator, wrapped)
+
+
 # ---- slow: two gloo processes ---------------------------------------------------------------------------------------
 
 
