@@ -257,7 +257,11 @@ def load_sharded_(model: nn.Module, file: str) -> None:
     with torch.no_grad(), safe_open(file, framework="pt") as fh:
         unknown = sorted(set(fh.keys()) - set(state))
         if unknown:
-            raise ValueError(f"{file} holds weights {unknown[:3]} that {type(model).__name__} does not have.")
+            raise ValueError(
+                f"{file} holds weights {unknown[:3]} that {type(model).__name__} does not have (under FSDP2 a saved "
+                "file is read by the model's own tensor names, row by row; a transformers 5 model saved under other "
+                "names, such as ViT, is not supported there)."
+            )
         for name in fh.keys():
             target = state[name]
             if is_sharded(target):
@@ -316,8 +320,9 @@ def planned_digest(model: nn.Module, sources: list[str], masks: Mapping[str, tor
     from safetensors import safe_open
 
     reshard_(model)
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     values = {name: owned_local(tensor).detach().clone() for name, tensor in state.items()}
+    loaded: dict[int, str] = {}  # id of a loaded tensor -> its name: the second name of a tied weight follows it
     for source in sources:
         with safe_open(weights_file(source), framework="pt") as fh:
             for name in fh.keys():
@@ -327,6 +332,11 @@ def planned_digest(model: nn.Module, sources: list[str], masks: Mapping[str, tor
                         values[name] = fh.get_slice(name)[span.start : span.stop]
                     elif span.stop > span.start:
                         values[name] = fh.get_tensor(name).reshape(1)
+                    loaded[id(state[name])] = name
+    for name, tensor in state.items():
+        alias = loaded.get(id(tensor))
+        if alias is not None and alias != name:
+            values[name] = values[alias]
     pieces = []
     for name, tensor in state.items():
         span = owned_rows(tensor)
