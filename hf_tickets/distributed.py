@@ -306,7 +306,7 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
                 "holds the single-device model.safetensors, which transformers' save_model writes under FSDP only "
                 "from a full state dict. Set it in the accelerate config (recipes/accelerate/fsdp2.yaml does)."
             )
-    if version == 2 and method.has_step_hooks():
+    if version == 2 and method.has_step_hooks() and not method.updates_from_shards:
         raise ValueError(
             f"{name} changes masks during training from dense gradients or weights of the shards: not supported "
             "under FSDP2 yet. Under FSDP2 use IMP or a method whose masks are fixed before training (magnitude, "

@@ -202,6 +202,18 @@ def sharded_masks_from_scores(
     return _assemble(local_keep, shapes, rows)
 
 
+def magnitude_masks(model: nn.Module, names: list[str], rate: float, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """`masks_from_scores(magnitude_scores(...), rate, **kwargs)` over the FSDP2 parameters `names` of `model`, from
+    each rank's shards (what IMP's next level and gradual magnitude pruning compute). A collective."""
+    from .scoring import magnitude_scores
+
+    reshard_(model)
+    params = dict(model.named_parameters())
+    targets = {name: params[name] for name in names}
+    scores = magnitude_scores({name: owned_local(p) for name, p in targets.items()})
+    return sharded_masks_from_scores(scores, targets, rate, **kwargs)
+
+
 def _assemble(local_keep: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], rows: Mapping[str, list[Rows]]):
     """The full masks on every rank from every rank's local ones: one `all_gather_object` of bit-packed shards."""
     names = list(local_keep)

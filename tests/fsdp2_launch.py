@@ -16,10 +16,15 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+from typing import Optional
 
 
-def enter_fsdp2(state_dict_type: str = "FULL_STATE_DICT") -> None:
-    """Build accelerate's process state as FSDP2 on this CPU process (gloo); a no-op outside torchrun."""
+def enter_fsdp2(state_dict_type: str = "FULL_STATE_DICT", layer_cls: Optional[list[str]] = None) -> None:
+    """Build accelerate's process state as FSDP2 on this CPU process (gloo); a no-op outside torchrun.
+
+    `layer_cls`: the classes wrapped as FSDP2 groups (`--fsdp_transformer_layer_cls_to_wrap`); default: the
+    model's `_no_split_modules`. For BERT name `BertLayer`, as scripts/gpu_accelerate_configs.sh does: accelerate
+    1.16 also shards the input embedding on its own, which fails inside a `BertEmbeddings` group."""
     if "LOCAL_RANK" not in os.environ:
         return
     from accelerate import Accelerator
@@ -33,6 +38,7 @@ def enter_fsdp2(state_dict_type: str = "FULL_STATE_DICT") -> None:
         reshard_after_forward=True,
         state_dict_type=state_dict_type,
         auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=layer_cls,
         cpu_ram_efficient_loading=False,
     )
     Accelerator(cpu=True, fsdp_plugin=plugin)  # builds the shared AcceleratorState the Trainer's Accelerator reuses

@@ -104,6 +104,8 @@ def test_deepspeed_stage_of_an_accelerate_launch():
         (2, IMP, "needs fsdp_state_dict_type: FULL_STATE_DICT", "SHARDED_STATE_DICT"),
         (2, RIGL, "changes masks during training .* not supported under FSDP2", "FULL_STATE_DICT"),
         (2, dict(method="set", sparsity=0.5), "not supported under FSDP2", "FULL_STATE_DICT"),
+        (2, dict(method="sr_ste"), "not supported under FSDP2", "FULL_STATE_DICT"),
+        (2, dict(method="gradual", sparsity=0.6, end_step=6, update_interval=2), None, "FULL_STATE_DICT"),
         (2, FIXED, None, "FULL_STATE_DICT"),
         (2, FIXED, None, "SHARDED_STATE_DICT"),
     ],
@@ -336,3 +338,36 @@ def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_pat
         for arm, check in checks.items():
             assert check["equal"] and check["pruned_nonzero"] == 0 and check["pruned_entries"] > 0, (r, arm)
             assert check["sharded"] == 6, (r, arm)  # every parameter's state is a shard
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["gradual", "imp"])
+def test_tiny_bert_under_accelerate_fsdp2_equals_one_process(tmp_path, mode):
+    """A tiny BERT under TicketTrainer and accelerate's FSDP2 (one group per BertLayer, 2 gloo ranks x 4 samples)
+    against one process x 8: gradual magnitude pruning computes every update from the shards and holds the same
+    masks after every step; IMP (2 levels, late rewinding to step 2, random-prune control) gives the same masks at
+    every level; weights within 5e-5 (Adam on a randomly initialised BERT amplifies float noise in near-zero
+    gradients) and the same files."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    worker = os.path.join(REPO, "tests", "fsdp2_trainer_worker.py")
+    for out, nproc in ((one, 1), (two, 2)):
+        out.mkdir()
+        _run([worker, str(out), mode], nproc=nproc)
+    a, b = (json.load(open(out / "record.json")) for out in (one, two))
+    assert b["world_size"] == 2 and all(b["sharded"]) and not any(a["sharded"])
+    assert a["steps"] == b["steps"]  # mask digests after every optimizer step
+    folders = ["."] if mode == "gradual" else ["level_00", "level_01", "level_02", "rewind_point"]
+    pairs = [(one / f, two / f) for f in folders]
+    if mode == "imp":
+        pairs.append((tmp_path / "one.random_prune" / "level_02", tmp_path / "two.random_prune" / "level_02"))
+    for x, y in pairs:
+        assert MaskSet.load(x) == MaskSet.load(y), x
+        wa, wb = load_file(x / "model.safetensors"), load_file(y / "model.safetensors")
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], atol=5e-5, rtol=0, msg=f"{x}/{key}")
+        if x.name != "rewind_point":
+            assert sorted(os.listdir(x)) == sorted(os.listdir(y)), x
+    if mode == "gradual":
+        assert len(set(digest for _, digest in a["steps"])) == 4  # the masks changed at steps 2, 4 and 6

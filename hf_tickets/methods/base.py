@@ -55,6 +55,9 @@ class SparsityMethod:
     # between optimizer steps (SR-STE): the callback then neither masks gradients nor zeroes weights or optimizer
     # state, and calls `after_optimizer_step` after a step the GradScaler skipped too (nothing moved: re-project).
     keeps_dense_weights: bool = False
+    # True when every mask change inside `Trainer.train` is computed exactly from FSDP2 shards (`hf_tickets.sharded`):
+    # such a method runs under FSDP2 although it has step hooks (gradual magnitude pruning).
+    updates_from_shards: ClassVar[bool] = False
     sanity_checks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: SparsityConfig) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..allocation import masks_from_scores
 from ..config import SparsityConfig
+from ..distributed import model_is_sharded
 from ..masks import MaskSet
 from ..scoring import magnitude_scores
 from .base import BatchSource, SparsityMethod, register_method
@@ -101,6 +102,8 @@ class GradualConfig(SparsityConfig):
 class GradualMagnitudePruning(SparsityMethod):
     """Prune by magnitude among the weights still alive, on the cubic schedule of `GradualConfig`."""
 
+    updates_from_shards = True  # its updates are magnitude thresholds, computed from FSDP2 shards exactly
+
     def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
         if cfg.initial_sparsity > 0:
@@ -125,9 +128,22 @@ class GradualMagnitudePruning(SparsityMethod):
         cfg = self.config
         if not cfg.is_update_step(step):
             return None
-        params = dict(model.named_parameters())
         target = cfg.sparsity_at(step)
-        new = self._prune({name: params[name] for name in masks}, target, current=masks)
+        if model_is_sharded(model):  # FSDP2: each rank scores its rows; bitwise the same masks
+            from ..sharded import magnitude_masks
+
+            new = magnitude_masks(
+                model,
+                list(masks),
+                target,
+                scope=cfg.scope,
+                layer_rates=cfg.layer_rates,
+                current=masks,
+                max_layer_sparsity=cfg.max_layer_sparsity,
+            )
+        else:
+            params = dict(model.named_parameters())
+            new = self._prune({name: params[name] for name in masks}, target, current=masks)
         if all(torch.equal(new[n], masks[n].to(new[n].device)) for n in masks):
             return None
         return MaskSet(new, self._metadata(step=step, target=target))

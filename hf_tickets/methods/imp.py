@@ -146,15 +146,11 @@ class IterativeMagnitudePruning(SparsityMethod):
         """Prune `prune_fraction` of the weights alive in `masks`, by the trained model's magnitudes."""
         cfg = self.config
         if model_is_sharded(model):  # FSDP2: each rank scores its rows; bitwise the same masks
-            from ..sharded import owned_local, reshard_, sharded_masks_from_scores
+            from ..sharded import magnitude_masks
 
-            reshard_(model)
-            params = dict(model.named_parameters())
-            targets = {name: params[name] for name in masks}
-
-            new = sharded_masks_from_scores(
-                magnitude_scores({name: owned_local(p) for name, p in targets.items()}),
-                targets,
+            new = magnitude_masks(
+                model,
+                list(masks),
                 cfg.prune_fraction,
                 scope=cfg.scope,
                 layer_rates=cfg.layer_rates,

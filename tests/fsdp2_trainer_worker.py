@@ -1,0 +1,90 @@
+"""A tiny BERT under `TicketTrainer` and accelerate's own FSDP2 preparation (2 gloo ranks, `fsdp2_launch`), or in one
+process as the reference: gradual magnitude pruning during training, IMP through the lottery runner, and fixed
+magnitude masks (the baseline: training alone equal on 1 and 2 processes).
+
+accelerate wraps the BERT as on a GPU (one FSDP2 group per `BertLayer`, the root), so the parameters are DTensors
+while `after_optimizer_step` (gradual) and the level loop (IMP) compute masks. Dropout is off, so that 2 ranks of 4
+samples and one process of 8 train the same function on the same batches. The test compares the two runs' files.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_trainer_worker.py OUT MODE   # gradual|imp|magnitude
+    python tests/fsdp2_trainer_worker.py OUT MODE                                                 # one process
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import make_bert, make_dataset, training_args  # noqa: E402
+from fsdp2_launch import enter_fsdp2  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from hf_tickets import SparsityConfig, TicketTrainer  # noqa: E402
+from hf_tickets.distributed import masks_digest, model_is_sharded  # noqa: E402
+
+GLOBAL_BATCH = 8
+CONFIGS = {
+    "magnitude": dict(method="magnitude", sparsity=0.6, scope="global"),
+    "gradual": dict(method="gradual", sparsity=0.6, end_step=6, update_interval=2, scope="global"),
+    "imp": dict(method="imp", levels=2, prune_fraction=0.3, rewind="step", rewind_step=2, scope="layerwise"),
+}
+
+
+class Record(TrainerCallback):
+    """The masks' digest after every optimizer step, and whether the parameters were DTensors then."""
+
+    def __init__(self, trainer: TicketTrainer) -> None:
+        self.trainer = trainer
+        self.steps: list = []
+        self.sharded: list = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append((state.global_step, masks_digest(self.trainer.masks)))
+        self.sharded.append(model_is_sharded(model))
+
+
+def main(out: str, mode: str) -> None:
+    distributed = "LOCAL_RANK" in os.environ
+    enter_fsdp2(layer_cls=["BertLayer"])
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    model = make_bert(seed=0)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    for module in model.modules():
+        if module.__class__.__name__ == "Dropout":
+            module.p = 0.0
+    args = training_args(
+        out,
+        max_steps=6 if mode == "imp" else 8,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        learning_rate=1e-2,
+        # BERT's classification loss is a per-batch mean that ignores num_items_in_batch, so Trainer's loss x ranks
+        # for token averaging would double the gradient on 2 ranks: plain averaging of the ranks' means instead
+        average_tokens_across_devices=False,
+        accelerator_config={"use_configured_state": True} if distributed else None,
+    )
+    trainer = TicketTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset("bert", 64),
+        sparsity_config=SparsityConfig(**CONFIGS[mode]),
+    )
+    record = Record(trainer)
+    trainer.add_callback(record)
+    if mode in ("gradual", "magnitude"):
+        trainer.train()
+        trainer.save_model()
+    else:
+        from hf_tickets.lottery import run_experiment
+
+        run_experiment(trainer, controls=["random_prune"], control_levels=[2])
+    result = {"world_size": world, "steps": record.steps, "sharded": record.sharded}
+    if trainer.args.should_save:
+        with open(os.path.join(out, "record.json"), "w") as fh:
+            json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
