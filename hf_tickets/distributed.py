@@ -257,12 +257,13 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
       DeepSpeed steps inside `backward`, so no hook sees dense gradients before the step. Fixed masks are kept by
       re-masking the fp32 master partitions after every step (`zero_master_weights_`);
     * FSDP1: its flat parameters hide the per-tensor names the masks are keyed by (use FSDP2, `fsdp_version: 2`);
-    * FSDP2 with a method that changes masks inside a level (RigL/SET, gradual magnitude, SR-STE): it would need
-      the dense gradients or weights of every shard at every update, which is not implemented. IMP is supported:
-      it changes masks only between levels, from the shards (`hf_tickets.sharded`), and rewinds through
-      accelerate's FSDP checkpoint helpers; it needs `FULL_STATE_DICT` so that level folders hold the
-      single-device `model.safetensors`, and not on a peft (LoRA) model. Masks fixed before sharding are
-      supported too.
+    * FSDP2 with a method that changes masks inside a level by rules not computed from shards (RigL/SET: dense
+      gradients and drop/grow counts per tensor; SR-STE: N:M groups of the dense weights), which is not
+      implemented. Supported: IMP, whose levels are scored from the shards (`hf_tickets.sharded`) and rewound
+      through accelerate's FSDP checkpoint helpers (it needs `FULL_STATE_DICT` so that level folders hold the
+      single-device `model.safetensors`, and is refused on a peft (LoRA) model); gradual magnitude pruning, whose
+      updates are the same magnitude thresholds (`SparsityMethod.updates_from_shards`); masks fixed before
+      sharding.
     """
     name = type(method).__name__
     stage = deepspeed_stage(args, accelerator)
@@ -309,8 +310,9 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
     if version == 2 and method.has_step_hooks() and not method.updates_from_shards:
         raise ValueError(
             f"{name} changes masks during training from dense gradients or weights of the shards: not supported "
-            "under FSDP2 yet. Under FSDP2 use IMP or a method whose masks are fixed before training (magnitude, "
-            "random, N:M, SNIP, GraSP, SynFlow), or train with DDP (recipes/accelerate/ddp.yaml)."
+            "under FSDP2 yet. Under FSDP2 use IMP, gradual magnitude pruning or a method whose masks are fixed "
+            "before training (magnitude, random, N:M, SNIP, GraSP, SynFlow), or train with DDP "
+            "(recipes/accelerate/ddp.yaml)."
         )
 
 
