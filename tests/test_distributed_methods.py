@@ -332,6 +332,8 @@ def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_pat
     control = f"{one}.random_prune", f"{two}.random_prune"
     assert MaskSet.load(os.path.join(control[0], "level_02")) == MaskSet.load(os.path.join(control[1], "level_02"))
     assert (two / "rewind_point" / "optimizer.bin").is_file()  # accelerate's FSDP2 optimizer state, restored
+    # every rank's RNG state made it into the rewind point (RewindCapture copies after a barrier)
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(two / "rewind_point"))
     for r in range(2):
         checks = json.load(open(probe / f"probe_rank{r}.json"))
         assert sorted(checks) == ["two.random_prune/level_02.partial", "two/level_01.partial", "two/level_02.partial"]

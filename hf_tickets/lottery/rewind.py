@@ -142,7 +142,17 @@ class RewindCapture(TrainerCallback):
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save and state.global_step == self.step and not os.path.isdir(self.destination):
+        if state.global_step != self.step or os.path.isdir(self.destination):
+            return
+        # Every rank writes its own rng_state_<rank>.pth into checkpoint-k: copy once all of them have (without the
+        # barrier, rank 0 could copy before rank 1 wrote its file, and rank 1 would rewind without its RNG state).
+        from ..distributed import world_size
+
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if args.should_save:
             copy_checkpoint(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.step}"), self.destination)
 
 
