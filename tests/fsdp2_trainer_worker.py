@@ -1,12 +1,13 @@
 """A tiny BERT under `TicketTrainer` and accelerate's own FSDP2 preparation (2 gloo ranks, `fsdp2_launch`), or in one
-process as the reference: gradual magnitude pruning during training, IMP through the lottery runner, and fixed
-magnitude masks (the baseline: training alone equal on 1 and 2 processes).
+process as the reference: gradual magnitude pruning during training, IMP through the lottery runner (`imp_resume`:
+interrupted mid-level, then resumed by a new trainer), and fixed magnitude masks (the baseline: training alone
+equal on 1 and 2 processes).
 
 accelerate wraps the BERT as on a GPU (one FSDP2 group per `BertLayer`, the root), so the parameters are DTensors
 while `after_optimizer_step` (gradual) and the level loop (IMP) compute masks. Dropout is off, so that 2 ranks of 4
 samples and one process of 8 train the same function on the same batches. The test compares the two runs' files.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_trainer_worker.py OUT MODE   # gradual|imp|magnitude
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_trainer_worker.py OUT MODE   # gradual|imp|imp_resume|magnitude
     python tests/fsdp2_trainer_worker.py OUT MODE                                                 # one process
 """
 
@@ -46,15 +47,71 @@ class Record(TrainerCallback):
         self.sharded.append(model_is_sharded(model))
 
 
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    """Stops level `folder` at `step` on every rank, as a killed run does (after the step's checkpoint, if any)."""
+
+    def __init__(self, folder: str, step: int) -> None:
+        self.folder, self.step = folder, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.path.basename(args.output_dir).startswith(self.folder) and state.global_step == self.step:
+            raise Interrupted(f"{self.folder} at step {state.global_step}")
+
+
+class TrainBegins(TrainerCallback):
+    """The global step each `Trainer.train` run begins at."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 def main(out: str, mode: str) -> None:
     distributed = "LOCAL_RANK" in os.environ
     enter_fsdp2(layer_cls=["BertLayer"])
     world = int(os.environ.get("WORLD_SIZE", 1))
+    result: dict = {"world_size": world}
+    if mode == "imp_resume":  # level 1 stops at step 5 (checkpoint-4 written); a new trainer and model go on
+        from hf_tickets.lottery import run_experiment
+
+        try:
+            run_experiment(build(out, "imp", world, distributed, InterruptAt("level_01", 5)))
+        except Interrupted:
+            result["interrupted"] = True
+        result["checkpoints"] = sorted(os.listdir(os.path.join(out, "level_01.partial")))
+        begins = TrainBegins()
+        summary = run_experiment(build(out, "imp", world, distributed, begins))
+        result.update(reused=summary.reused, trained=summary.trained, begins=begins.steps)
+    else:
+        trainer = build(out, mode, world, distributed)
+        record = Record(trainer)
+        trainer.add_callback(record)
+        if mode in ("gradual", "magnitude"):
+            trainer.train()
+            trainer.save_model()
+        else:
+            from hf_tickets.lottery import run_experiment
+
+            run_experiment(trainer, controls=["random_prune"], control_levels=[2])
+        result.update(steps=record.steps, sharded=record.sharded)
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(os.path.join(out, "record.json"), "w") as fh:
+            json.dump(result, fh)
+
+
+def build(out: str, mode: str, world: int, distributed: bool, *callbacks: TrainerCallback) -> TicketTrainer:
     model = make_bert(seed=0)
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
     for module in model.modules():
         if module.__class__.__name__ == "Dropout":
             module.p = 0.0
+    checkpoints = dict(save_strategy="steps", save_steps=2) if callbacks else {}
     args = training_args(
         out,
         max_steps=6 if mode == "imp" else 8,
@@ -64,26 +121,15 @@ def main(out: str, mode: str) -> None:
         # for token averaging would double the gradient on 2 ranks: plain averaging of the ranks' means instead
         average_tokens_across_devices=False,
         accelerator_config={"use_configured_state": True} if distributed else None,
+        **checkpoints,
     )
-    trainer = TicketTrainer(
+    return TicketTrainer(
         model=model,
         args=args,
         train_dataset=make_dataset("bert", 64),
         sparsity_config=SparsityConfig(**CONFIGS[mode]),
+        callbacks=list(callbacks),
     )
-    record = Record(trainer)
-    trainer.add_callback(record)
-    if mode in ("gradual", "magnitude"):
-        trainer.train()
-        trainer.save_model()
-    else:
-        from hf_tickets.lottery import run_experiment
-
-        run_experiment(trainer, controls=["random_prune"], control_levels=[2])
-    result = {"world_size": world, "steps": record.steps, "sharded": record.sharded}
-    if trainer.args.should_save:
-        with open(os.path.join(out, "record.json"), "w") as fh:
-            json.dump(result, fh)
 
 
 if __name__ == "__main__":

@@ -373,3 +373,27 @@ def test_tiny_bert_under_accelerate_fsdp2_equals_one_process(tmp_path, mode):
             assert sorted(os.listdir(x)) == sorted(os.listdir(y)), x
     if mode == "gradual":
         assert len(set(digest for _, digest in a["steps"])) == 4  # the masks changed at steps 2, 4 and 6
+
+
+@pytest.mark.slow
+def test_an_imp_level_interrupted_under_fsdp2_resumes_and_ends_as_one_straight_process(tmp_path):
+    """Under accelerate's FSDP2 (2 gloo ranks, tiny BERT, a checkpoint every 2 steps) level 1 stops at step 5; a new
+    trainer and model reuse level 0, resume level 1 from its checkpoint-4 (accelerate's FSDP2 model and optimizer
+    files) and train level 2 from the rewind point: every level equals an uninterrupted one-process run."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    worker = os.path.join(REPO, "tests", "fsdp2_trainer_worker.py")
+    one.mkdir()
+    two.mkdir()
+    _run([worker, str(one), "imp"], nproc=1)
+    _run([worker, str(two), "imp_resume"])
+    record = json.load(open(two / "record.json"))
+    assert record["interrupted"] and record["checkpoints"] == ["checkpoint-4", "level_start.json"]
+    assert record["reused"] == ["trunk[0] level 0"] and record["trained"] == ["trunk[0] level 1", "trunk[0] level 2"]
+    assert record["begins"] == [4, 2]  # level 1 from its own checkpoint-4, level 2 from the rewind point (step 2)
+    for folder in ("level_00", "level_01", "level_02"):
+        assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
+        a, b = load_file(one / folder / "model.safetensors"), load_file(two / folder / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0, msg=f"{folder}/{key}")
