@@ -7,8 +7,10 @@ accelerate wraps the BERT as on a GPU (one FSDP2 group per `BertLayer`, the root
 while `after_optimizer_step` (gradual) and the level loop (IMP) compute masks. Dropout is off, so that 2 ranks of 4
 samples and one process of 8 train the same function on the same batches. The test compares the two runs' files.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_trainer_worker.py OUT MODE   # gradual|imp|imp_resume|magnitude
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_trainer_worker.py OUT MODE   # 2 ranks, FSDP2
     python tests/fsdp2_trainer_worker.py OUT MODE                                                 # one process
+
+MODE: gradual, imp, imp_resume or magnitude.
 """
 
 from __future__ import annotations
