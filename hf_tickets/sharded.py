@@ -202,6 +202,32 @@ def sharded_masks_from_scores(
     return _assemble(local_keep, shapes, rows)
 
 
+def keep_top_per_tensor(
+    keys: Mapping[str, torch.Tensor], counts: Mapping[str, int], params: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per tensor, this rank's part of `allocation._keep_top([full keys], counts[name])`: the `counts[name]` highest
+    `order_keys` of the whole tensor kept, ties at the threshold in flat order. `keys[name]`: this rank's flat keys
+    of its owned rows. A collective (what RigL's per-layer drop and grow need)."""
+    numel = {n: math.prod(int(d) for d in params[n].shape) for n in keys}
+    return _select([_Group([n], int(counts[n])) for n in keys], keys, numel)
+
+
+def gather_masks(
+    local_keep: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The full masks on every rank from each rank's mask rows of its owned rows (bit-packed; a collective)."""
+    rows = {n: [owned_rows(params[n], r) for r in range(world_size())] for n in local_keep}
+    shapes = {n: tuple(int(d) for d in params[n].shape) for n in local_keep}
+    return _assemble(local_keep, shapes, rows)
+
+
+def owned_part(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's owned rows of a full tensor shaped like `param` (a mask, a draw of noise), flattened."""
+    span = owned_rows(param)
+    shape = tuple(param.shape)
+    return full.reshape(shape[0] if shape else 1, -1)[span.start : span.stop].reshape(-1)
+
+
 def magnitude_masks(model: nn.Module, names: list[str], rate: float, **kwargs: Any) -> dict[str, torch.Tensor]:
     """`masks_from_scores(magnitude_scores(...), rate, **kwargs)` over the FSDP2 parameters `names` of `model`, from
     each rank's shards (what IMP's next level and gradual magnitude pruning compute). A collective."""

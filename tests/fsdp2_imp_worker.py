@@ -98,6 +98,44 @@ def bert_case() -> dict:
     return {"unsharded_after_forward": unsharded_after_forward, "equal": equal, "tensors": len(names)}
 
 
+def dst_case(kind: str) -> dict:
+    """RigL / SET updates (drop the smallest active |w|, grow by |dense gradient| or at random) from the shards against
+    the same method on the full weights and gradients: the masks of three updates bitwise equal, and the shared
+    generator in the same state. The weights carry the forced ties; the gradients are the same on both models."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from hf_tickets.allocation import random_masks_with_counts
+
+    full = network()
+    sharded = copy.deepcopy(full)
+    shard(sharded)
+    names = [n for n, p in full.named_parameters() if n.endswith("weight")]
+    shapes = {n: tuple(dict(full.named_parameters())[n].shape) for n in names}
+    counts = {n: max(1, int(0.5 * torch.Size(s).numel())) for n, s in shapes.items()}
+    start = MaskSet(random_masks_with_counts(shapes, counts, torch.Generator().manual_seed(3)))
+    methods = {m: build_method(SparsityConfig(method=kind, sparsity=0.5, update_interval=1, seed=7)) for m in "fs"}
+    current = {m: start for m in "fs"}
+    equal = []
+    g = torch.Generator().manual_seed(11)
+    for step in (1, 2, 3):
+        for name, p in full.named_parameters():
+            grad = torch.randn(p.shape, generator=g)
+            p.grad = grad.clone()
+            q = dict(sharded.named_parameters())[name]
+            q.grad = distribute_tensor(grad, q.device_mesh, q.placements, src_data_rank=None)
+        for m, model in (("f", full), ("s", sharded)):
+            methods[m].on_train_begin(model, current[m], 100)
+            methods[m].on_dense_grads(model, current[m], step)
+            current[m] = methods[m].after_optimizer_step(model, current[m], step)
+        a, b = current["f"], current["s"]
+        equal.append(all(torch.equal(a[n], b[n].to(a[n].device)) for n in a) and a.kept() == start.kept())
+    return {
+        "equal": equal,
+        "generator": torch.equal(methods["f"].generator.get_state(), methods["s"].generator.get_state()),
+        "moved": any(not torch.equal(current["f"][n], start[n]) for n in names),
+    }
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -131,6 +169,7 @@ def main(out: str) -> None:
             previous = a
         result["cases"][case] = levels
     result["bert"] = bert_case()
+    result["dst"] = {kind: dst_case(kind) for kind in ("rigl", "set")}
     # Loading a saved file into the sharded model reads only this rank's rows and gives the full model's weights.
     path = os.path.join(out, "weights.safetensors")
     if rank == 0:

@@ -32,6 +32,8 @@ GLOBAL_BATCH = 8
 CONFIGS = {
     "magnitude": dict(method="magnitude", sparsity=0.6, scope="global"),
     "gradual": dict(method="gradual", sparsity=0.6, end_step=6, update_interval=2, scope="global"),
+    "rigl": dict(method="rigl", sparsity=0.6, update_interval=2, drop_fraction=0.3, stop_fraction=0.75, seed=5),
+    "set": dict(method="set", sparsity=0.6, update_interval=2, drop_fraction=0.3, stop_fraction=0.75, seed=5),
     "imp": dict(method="imp", levels=2, prune_fraction=0.3, rewind="step", rewind_step=2, scope="layerwise"),
 }
 
@@ -94,7 +96,7 @@ def main(out: str, mode: str) -> None:
         trainer = build(out, mode, world, distributed)
         record = Record(trainer)
         trainer.add_callback(record)
-        if mode in ("gradual", "magnitude"):
+        if mode != "imp":
             trainer.train()
             trainer.save_model()
         else:

@@ -102,9 +102,9 @@ def test_deepspeed_stage_of_an_accelerate_launch():
         (1, FIXED, "FSDP1 is not supported", "FULL_STATE_DICT"),
         (2, IMP, None, "FULL_STATE_DICT"),  # IMP levels are computed from the shards (hf_tickets.sharded)
         (2, IMP, "needs fsdp_state_dict_type: FULL_STATE_DICT", "SHARDED_STATE_DICT"),
-        (2, RIGL, "changes masks during training .* not supported under FSDP2", "FULL_STATE_DICT"),
-        (2, dict(method="set", sparsity=0.5), "not supported under FSDP2", "FULL_STATE_DICT"),
-        (2, dict(method="sr_ste"), "not supported under FSDP2", "FULL_STATE_DICT"),
+        (2, RIGL, None, "FULL_STATE_DICT"),  # drop/grow ranked from the shards (RigL._update_sharded)
+        (2, dict(method="set", sparsity=0.5), None, "FULL_STATE_DICT"),
+        (2, dict(method="sr_ste"), "changes masks during training .* not supported under FSDP2", "FULL_STATE_DICT"),
         (2, dict(method="gradual", sparsity=0.6, end_step=6, update_interval=2), None, "FULL_STATE_DICT"),
         (2, FIXED, None, "FULL_STATE_DICT"),
         (2, FIXED, None, "SHARDED_STATE_DICT"),
@@ -286,6 +286,8 @@ def test_fsdp2_imp_masks_from_shards_equal_single_device_masks_bitwise(tmp_path)
     assert all(r["load_sharded_equal"] for r in ranks)
     for r in ranks:  # a tiny BERT sharded as accelerate does, its tail group left unsharded by a forward
         assert r["bert"] == {"unsharded_after_forward": True, "equal": [True, True], "tensors": 14}
+        for kind in ("rigl", "set"):  # three drop/grow updates from the shards, the generator in step
+            assert r["dst"][kind] == {"equal": [True, True, True], "generator": True, "moved": True}, kind
 
 
 @pytest.mark.slow
@@ -343,13 +345,13 @@ def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["gradual", "imp"])
+@pytest.mark.parametrize("mode", ["gradual", "rigl", "set", "imp"])
 def test_tiny_bert_under_accelerate_fsdp2_equals_one_process(tmp_path, mode):
     """A tiny BERT under TicketTrainer and accelerate's FSDP2 (one group per BertLayer, 2 gloo ranks x 4 samples)
-    against one process x 8: gradual magnitude pruning computes every update from the shards and holds the same
-    masks after every step; IMP (2 levels, late rewinding to step 2, random-prune control) gives the same masks at
-    every level; weights within 5e-5 (Adam on a randomly initialised BERT amplifies float noise in near-zero
-    gradients) and the same files."""
+    against one process x 8: gradual magnitude pruning, RigL and SET compute every update from the shards and hold
+    the same masks after every step; IMP (2 levels, late rewinding to step 2, random-prune control) gives the same
+    masks at every level; weights within 5e-5 (Adam on a randomly initialised BERT amplifies float noise in
+    near-zero gradients) and the same files."""
     from safetensors.torch import load_file
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -360,7 +362,7 @@ def test_tiny_bert_under_accelerate_fsdp2_equals_one_process(tmp_path, mode):
     a, b = (json.load(open(out / "record.json")) for out in (one, two))
     assert b["world_size"] == 2 and all(b["sharded"]) and not any(a["sharded"])
     assert a["steps"] == b["steps"]  # mask digests after every optimizer step
-    folders = ["."] if mode == "gradual" else ["level_00", "level_01", "level_02", "rewind_point"]
+    folders = ["level_00", "level_01", "level_02", "rewind_point"] if mode == "imp" else ["."]
     pairs = [(one / f, two / f) for f in folders]
     if mode == "imp":
         pairs.append((tmp_path / "one.random_prune" / "level_02", tmp_path / "two.random_prune" / "level_02"))
@@ -373,6 +375,8 @@ def test_tiny_bert_under_accelerate_fsdp2_equals_one_process(tmp_path, mode):
             assert sorted(os.listdir(x)) == sorted(os.listdir(y)), x
     if mode == "gradual":
         assert len(set(digest for _, digest in a["steps"])) == 4  # the masks changed at steps 2, 4 and 6
+    if mode in ("rigl", "set"):
+        assert len(set(digest for _, digest in a["steps"])) == 3  # updates at steps 2 and 4 (stop: 0.75 x 8)
 
 
 @pytest.mark.slow

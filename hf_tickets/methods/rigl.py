@@ -20,9 +20,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..allocation import DISTRIBUTIONS, counts_from_densities, layer_densities, random_masks_with_counts
+from ..allocation import (
+    DISTRIBUTIONS,
+    _keep_top,
+    counts_from_densities,
+    layer_densities,
+    random_masks_with_counts,
+)
 from ..config import SparsityConfig
+from ..distributed import model_is_sharded
 from ..masks import MaskSet
+from ..sharded import owned_local
 from .base import BatchSource, SparsityMethod, register_method
 
 
@@ -124,6 +132,8 @@ class StaticSparse(SparsityMethod):
 class RigL(StaticSparse):
     """Drop the smallest-magnitude active weights, grow the inactive ones with the largest dense gradient."""
 
+    updates_from_shards = True  # under FSDP2 each update is ranked from the shards (`_update_sharded`)
+
     def __init__(self, config: RigLConfig) -> None:
         super().__init__(config)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -153,34 +163,36 @@ class RigL(StaticSparse):
         if not self.is_update_step(step):
             return
         params = dict(model.named_parameters())
-        self._grad_scores = {n: params[n].grad.detach().abs().float() for n in masks if params[n].grad is not None}
+        # under FSDP2 each rank keeps the (averaged) gradient rows of its own shards
+        grad = owned_local if model_is_sharded(model) else (lambda g: g)
+        self._grad_scores = {
+            n: grad(params[n].grad).detach().abs().float() for n in masks if params[n].grad is not None
+        }
 
     def after_optimizer_step(self, model: nn.Module, masks: MaskSet, step: int) -> Optional[MaskSet]:
         if not self.is_update_step(step):
             return None
         alpha = self.drop_fraction_at(step)
-        params = dict(model.named_parameters())
-        new, changed, active = {}, 0, 0
-        for name, mask in masks.items():
-            weight = params[name].detach()
-            n_active = int(mask.sum())
-            k = int(alpha * n_active)
-            new[name] = mask
-            active += n_active
-            if k == 0 or n_active == mask.numel():
-                continue
-            flat = mask.reshape(-1)
-            drop_scores = weight.abs().float().reshape(-1).masked_fill(~flat, float("inf"))
-            dropped = torch.topk(drop_scores, k, largest=False).indices
-            after_drop = flat.clone()
-            after_drop[dropped] = False
-            grow_scores = self.grow_scores(name, weight).reshape(-1).masked_fill(after_drop, float("-inf"))
-            grown = torch.topk(grow_scores, k, largest=True).indices
-            after_grow = after_drop.clone()
-            after_grow[grown] = True
-            new[name] = after_grow.view_as(mask)
-            changed += int((after_grow & ~flat).sum())
-            self._ever_active[name] = self._ever_active[name].to(mask.device) | new[name]
+        counts = {name: int(mask.sum()) for name, mask in masks.items()}
+        moving = [n for n, m in masks.items() if int(alpha * counts[n]) > 0 and counts[n] < m.numel()]
+        k = {n: int(alpha * counts[n]) for n in moving}
+        if model_is_sharded(model):
+            new = self._update_sharded(model, masks, moving, k, counts)
+        else:
+            new = dict(masks.items())
+            params = dict(model.named_parameters())
+            for name in moving:
+                flat = masks[name].reshape(-1)
+                weight = params[name].detach()
+                # drop: keep the n_active - k largest |w| of the active weights (ties: the first in flat order)
+                magnitude = weight.abs().float().reshape(-1).masked_fill(~flat.to(weight.device), float("-inf"))
+                after_drop = _keep_top([magnitude], counts[name] - k[name])[0].to(flat.device)
+                grow = self.grow_scores(name, weight).reshape(-1).masked_fill(after_drop.to(weight.device), -math.inf)
+                new[name] = (after_drop | _keep_top([grow], k[name])[0].to(flat.device)).view_as(masks[name])
+        changed, active = 0, sum(counts.values())
+        for name in moving:
+            changed += int((new[name] & ~masks[name].to(new[name].device)).sum())
+            self._ever_active[name] = self._ever_active[name].to(new[name].device) | new[name]
         self._grad_scores = {}
         ever = sum(int(m.sum()) for m in self._ever_active.values())
         total = sum(m.numel() for m in masks.values())
@@ -191,16 +203,73 @@ class RigL(StaticSparse):
         }
         return MaskSet(new, masks.metadata)
 
-    def grow_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """RigL: |dense gradient| of the update step, ties broken by seeded noise far below any real gap."""
+    def _update_sharded(self, model: nn.Module, masks: MaskSet, moving: list[str], k: dict, counts: dict) -> dict:
+        """The update from FSDP2 shards, bitwise the single-device one: each rank ranks its own rows, the exact
+        per-tensor counts and ties come from collectives over integer counts (`sharded.keep_top_per_tensor`), and
+        every rank draws the full noise from the shared generator and takes its rows."""
+        from ..allocation import order_keys
+        from ..sharded import gather_masks, keep_top_per_tensor, owned_part, reshard_
+
+        reshard_(model)
+        params = dict(model.named_parameters())
+        magnitude = {}
+        for n in moving:
+            alive = owned_part(masks[n], params[n]).cpu()
+            weight = owned_local(params[n]).detach().abs().float().reshape(-1).cpu()
+            magnitude[n] = order_keys(weight.masked_fill(~alive, -math.inf))
+        after_drop = keep_top_per_tensor(magnitude, {n: counts[n] - k[n] for n in moving}, params)
+        scale = self._global_grad_max(moving)
+        grow = {}
+        for n in moving:  # the generator draws as in the single-device loop: one full tensor per moving layer
+            score = self.grow_scores(n, params[n], scale.get(n), full_shape=tuple(params[n].shape))
+            grow[n] = order_keys(score.reshape(-1).cpu().masked_fill(after_drop[n], -math.inf))
+        grown = keep_top_per_tensor(grow, k, params)
+        full = gather_masks({n: after_drop[n] | grown[n] for n in moving}, params)
+        new = dict(masks.items())
+        new.update({n: full[n].to(masks[n].device) for n in moving})
+        return new
+
+    def _global_grad_max(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """max |dense gradient| of each whole tensor (RigL's noise scale), from the shards: one all_reduce."""
+        if not names or not self._grad_scores:
+            return {}
+        import torch.distributed as dist
+
+        maxima = torch.stack(
+            [
+                self._grad_scores[n].max()
+                if self._grad_scores.get(n) is not None and self._grad_scores[n].numel()
+                else torch.zeros((), dtype=torch.float32)
+                for n in names
+            ]
+        ).float()
+        if dist.is_initialized():
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else maxima.device
+            )
+            maxima = maxima.to(device)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        return {n: maxima[i].cpu() for i, n in enumerate(names)}
+
+    def grow_scores(
+        self, name: str, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, full_shape: Optional[tuple] = None
+    ) -> torch.Tensor:
+        """RigL: |dense gradient| of the update step, ties broken by seeded noise far below any real gap. Under FSDP2
+        (`full_shape` given) the noise is drawn for the whole tensor and cut to this rank's rows, and `scale` is the
+        whole tensor's max |gradient|."""
         if name not in self._grad_scores:
             raise RuntimeError(
                 f"RigL found no dense gradient for {name!r} at an update step: the parameter did not receive a "
                 "gradient, or the trainer does not call the on_dense_grads hook (use TicketTrainer)."
             )
         score = self._grad_scores[name]
-        noise = torch.rand(score.shape, generator=self.generator).to(score.device)
-        return score + noise * (score.abs().max().clamp_min(1e-30) * 1e-7)
+        if full_shape is None:
+            noise = torch.rand(score.shape, generator=self.generator).to(score.device)
+            return score + noise * (score.abs().max().clamp_min(1e-30) * 1e-7)
+        from ..sharded import owned_part
+
+        noise = owned_part(torch.rand(full_shape, generator=self.generator), weight).to(score.device)
+        return score.reshape(-1) + noise * (scale.to(score.device).clamp_min(1e-30) * 1e-7)
 
     def log_metrics(self) -> dict[str, float]:
         pending, self._pending = self._pending, {}
@@ -232,8 +301,14 @@ class SET(RigL):
     def on_dense_grads(self, model: nn.Module, masks: MaskSet, step: int) -> None:
         return None
 
-    def grow_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return torch.rand(weight.shape, generator=self.generator).to(weight.device)
+    def grow_scores(
+        self, name: str, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, full_shape: Optional[tuple] = None
+    ) -> torch.Tensor:
+        if full_shape is None:
+            return torch.rand(weight.shape, generator=self.generator).to(weight.device)
+        from ..sharded import owned_part
+
+        return owned_part(torch.rand(full_shape, generator=self.generator), weight)
 
 
 register_method("static", StaticConfig, StaticSparse)
