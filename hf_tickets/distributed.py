@@ -1,5 +1,5 @@
 """Rank-consistent masks under `torch.distributed` (DDP, FSDP2), and the refusal of set-ups whose masks cannot be
-kept correct (DeepSpeed ZeRO-3, FSDP1, methods that change masks inside a level under FSDP2).
+kept correct (DeepSpeed ZeRO-3, FSDP1, and under FSDP2 the methods whose updates are not computed from shards).
 
 Why a module of its own: every failure it guards against is silent. Ranks that score weights on their own batches
 (SNIP) or hold differently initialised weights compute different masks and DDP then averages gradients of different
@@ -257,13 +257,12 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
       DeepSpeed steps inside `backward`, so no hook sees dense gradients before the step. Fixed masks are kept by
       re-masking the fp32 master partitions after every step (`zero_master_weights_`);
     * FSDP1: its flat parameters hide the per-tensor names the masks are keyed by (use FSDP2, `fsdp_version: 2`);
-    * FSDP2 with a method that changes masks inside a level by rules not computed from shards (RigL/SET: dense
-      gradients and drop/grow counts per tensor; SR-STE: N:M groups of the dense weights), which is not
-      implemented. Supported: IMP, whose levels are scored from the shards (`hf_tickets.sharded`) and rewound
+    * FSDP2 with a method whose updates are not computed from shards (SR-STE and periodic N:M recomputation:
+      they keep their own dense copy of the weights and swap it into the parameters every step), or IMP on a peft
+      (LoRA) model. Supported: IMP, whose levels are scored from the shards (`hf_tickets.sharded`) and rewound
       through accelerate's FSDP checkpoint helpers (it needs `FULL_STATE_DICT` so that level folders hold the
-      single-device `model.safetensors`, and is refused on a peft (LoRA) model); gradual magnitude pruning, whose
-      updates are the same magnitude thresholds (`SparsityMethod.updates_from_shards`); masks fixed before
-      sharding.
+      single-device `model.safetensors`); gradual magnitude pruning, RigL and SET, whose updates rank each rank's
+      rows with exact counts from collectives (`SparsityMethod.updates_from_shards`); masks fixed before sharding.
     """
     name = type(method).__name__
     stage = deepspeed_stage(args, accelerator)
@@ -309,10 +308,10 @@ def check_supported(args: Any, accelerator: Any, method: Any) -> None:
             )
     if version == 2 and method.has_step_hooks() and not method.updates_from_shards:
         raise ValueError(
-            f"{name} changes masks during training from dense gradients or weights of the shards: not supported "
-            "under FSDP2 yet. Under FSDP2 use IMP, gradual magnitude pruning or a method whose masks are fixed "
-            "before training (magnitude, random, N:M, SNIP, GraSP, SynFlow), or train with DDP "
-            "(recipes/accelerate/ddp.yaml)."
+            f"{name} changes masks during training from its own dense weights, which are not wired to FSDP2 "
+            "shards: not supported under FSDP2 yet. Under FSDP2 use IMP, gradual magnitude pruning, RigL, SET or a "
+            "method whose masks are fixed before training (magnitude, random, N:M one-shot, SNIP, GraSP, SynFlow), "
+            "or train with DDP (recipes/accelerate/ddp.yaml)."
         )
 
 
