@@ -164,6 +164,13 @@ def _candidates(
     return {f"cuSPARSELt alg {a}": cusparselt_converter(a) for a in ids}
 
 
+def _contiguous_input(module: nn.Module, inputs: tuple) -> Optional[tuple]:
+    """Pre-hook of a converted Linear that ran faster on a row-major copy of its input (the copy timed with it):
+    cuSPARSELt hands back a transposed result, so the layer after a converted one often gets a transposed input."""
+    x = inputs[0]
+    return None if x.is_contiguous() else (x.contiguous(), *inputs[1:])
+
+
 def _batch_call(model: nn.Module, example_batch: Any) -> None:
     if isinstance(example_batch, Mapping):
         model(**example_batch)
@@ -188,7 +195,9 @@ def sparse_inference(
     will serve) runs with hooks on every `nn.Linear` whose weight holds 2:4 along its input features: each such
     layer is timed on its own input, dense against each sparse candidate (cuSPARSELt with each of `alg_ids`), and
     replaced by the fastest one only where it took at most dense / `min_speedup`. A layer is replaced at once, so
-    the layers after it are timed on the input they will get. Each sparse output is checked against the dense one
+    the layers after it are timed on the input they will get; where that input is transposed in memory (the output
+    of a converted layer), a row-major copy of it is timed too (copy included) and, if faster, the layer keeps a
+    pre-hook that makes its input contiguous. Each sparse output is checked against the dense one
     before timing. The model is changed in place (inference only: converted weights take no gradient) and a
     per-layer report is returned (`report.to_markdown()` fits a model card).
 
@@ -222,7 +231,7 @@ def sparse_inference(
     handles = []
 
     def probe(layer_name: str):
-        def hook(module: nn.Linear, inputs: tuple) -> None:
+        def hook(module: nn.Linear, inputs: tuple) -> Optional[tuple]:
             choice = choices[layer_name]
             if choice.input_shape is not None:  # a module called twice: timed at its first call
                 return
@@ -231,7 +240,9 @@ def sparse_inference(
             w, b = module.weight, module.bias
             x2d = x.reshape(-1, x.shape[-1])
             dense_out = nn.functional.linear(x, w, b).float()
-            best: Optional[tuple[float, float, str, torch.Tensor]] = None  # (dense ms, sparse ms, kernel, weight)
+            # a transposed input (a converted layer's output) may run faster copied to row-major: both are timed
+            layouts = [False] if x.is_contiguous() else [False, True]
+            best: Optional[tuple[float, float, str, torch.Tensor, bool]] = None  # dense ms, sparse ms, kernel, ...
             failures = []
             for kernel, convert_fn in candidates.items():
                 try:
@@ -241,23 +252,31 @@ def sparse_inference(
                     if err > 2e-2:
                         failures.append(f"{kernel}: sparse output differs from dense (relative error {err:.3g})")
                         continue
-                    dense_ms, sparse_ms = timer(
-                        layer_name, lambda: nn.functional.linear(x, w, b), lambda sw=sw: nn.functional.linear(x, sw, b)
-                    )
+                    for contiguous in layouts:
+                        inp = (lambda: x.contiguous()) if contiguous else (lambda: x)
+                        dense_ms, sparse_ms = timer(
+                            layer_name,
+                            lambda: nn.functional.linear(x, w, b),
+                            lambda sw=sw, inp=inp: nn.functional.linear(inp(), sw, b),
+                        )
+                        label = f"{kernel}, input made contiguous" if contiguous else kernel
+                        if best is None or dense_ms / sparse_ms > best[0] / best[1]:
+                            best = (dense_ms, sparse_ms, label, sw, contiguous)
                 except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
                     failures.append(f"{kernel}: not convertible: {str(err).splitlines()[0][:160]}")
-                    continue
-                if best is None or dense_ms / sparse_ms > best[0] / best[1]:
-                    best = (dense_ms, sparse_ms, kernel, sw)
             if best is None:
                 choice.reason = "; ".join(failures)
-                return
-            choice.dense_ms, choice.sparse_ms, choice.kernel, sw = best
-            if choice.sparse_ms * min_speedup <= choice.dense_ms:
-                choice.chosen = "sparse"
-                module.weight = nn.Parameter(sw, requires_grad=False)  # this very call and the layers after see it
-            else:
+                return None
+            choice.dense_ms, choice.sparse_ms, choice.kernel, sw, contiguous = best
+            if choice.sparse_ms * min_speedup > choice.dense_ms:
                 choice.reason = "sparse slower at this shape"
+                return None
+            choice.chosen = "sparse"
+            module.weight = nn.Parameter(sw, requires_grad=False)  # this very call and the layers after see it
+            if contiguous:
+                module.register_forward_pre_hook(_contiguous_input)  # from the next call on
+                return (x.contiguous(), *inputs[1:])  # this call
+            return None
 
         return hook
 

@@ -408,6 +408,47 @@ def test_sparse_inference_tries_cusparselt_algorithm_ids_in_bfloat16_only():
     assert list(_candidates(None, DEFAULT_ALG_IDS, torch.float16)) == ["cuSPARSELt alg 0"]  # no hand-set ids in fp16
 
 
+class _TransposedLayout(nn.Module):
+    """Same values, transposed memory layout: what a cuSPARSELt-converted layer hands to the next one."""
+
+    def forward(self, x):
+        return x.reshape(-1, x.shape[-1]).t().contiguous().t()
+
+
+def test_sparse_inference_times_a_transposed_input_also_copied_to_row_major():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), _TransposedLayout(), nn.Linear(128, 64)).to(torch.bfloat16)
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].weight.masked_fill_(~nm_mask(model[i].weight.abs(), 2, 4, 1), 0)
+    seen_contiguous: list[bool] = []
+
+    class Recorder(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is nn.functional.linear:
+                seen_contiguous.append(args[0].is_contiguous())
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    def fake_timer(name, dense_fn, sparse_fn):
+        seen_contiguous.clear()
+        sparse_fn()
+        # layer 2's input arrives transposed: sparse is slow on it as it is, fast on a row-major copy
+        return (1.0, 0.5) if name == "0" or seen_contiguous == [True] else (1.0, 2.0)
+
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    expected = model(x)
+    record = lambda w, x2d: w.detach().clone().as_subclass(Recorder)  # noqa: E731
+    report = sparse_inference(model, x, timer=fake_timer, convert=record)
+    by_name = {layer.name: layer for layer in report.layers}
+    assert report.converted == ["0", "2"]
+    assert by_name["0"].kernel == "injected" and by_name["2"].kernel == "injected, input made contiguous"
+    assert by_name["2"].speedup == pytest.approx(2.0)
+    seen_contiguous.clear()
+    out = model(x)  # from now on layer 2 gets a row-major copy of its input, through the hook it keeps
+    assert seen_contiguous == [True, True] and torch.equal(out, expected)
+
+
 def test_sparse_inference_report_goes_into_the_model_card(tmp_path):
     report = _dispatch_with_a_fake_timer()
     report.write_to_card(str(tmp_path))
