@@ -56,19 +56,24 @@ def _keep_top(scores: list[torch.Tensor], n_keep: int) -> list[torch.Tensor]:
     The tie-break is by position so that it can be reproduced without the scores in one place: FSDP2 shards score
     their own rows and count ties with a collective (`hf_tickets.sharded`). `topk` alone breaks ties arbitrarily.
     """
-    flat = torch.cat([s.reshape(-1).float().cpu() for s in scores])
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep = keep_top_flat(torch.cat([s.reshape(-1).float().cpu() for s in scores]), n_keep)
+    out, offset = [], 0
+    for s in scores:
+        out.append(keep[offset : offset + s.numel()].view(s.shape))
+        offset += s.numel()
+    return out
+
+
+def keep_top_flat(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """`_keep_top` of one flat score tensor, computed on its own device (RigL ranks every layer at each update)."""
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if n_keep > 0:
         keys = order_keys(flat)
         threshold = torch.topk(keys, n_keep, sorted=False).values.min()
         above, tied = keys > threshold, keys == threshold
         need = n_keep - int(above.sum())
         keep = above | (tied & (torch.cumsum(tied, 0) <= need))
-    out, offset = [], 0
-    for s in scores:
-        out.append(keep[offset : offset + s.numel()].view(s.shape))
-        offset += s.numel()
-    return out
+    return keep
 
 
 def pool_keep_count(numel: int, alive: int, rate: float, relative: bool) -> int:

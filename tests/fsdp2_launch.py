@@ -5,10 +5,13 @@ MULTI_GPU (MULTI_NPU, ...), and a CPU process is MULTI_CPU. FSDP2 itself runs on
 launcher sets up the process as accelerate would for CPU (gloo, MULTI_CPU), names it MULTI_GPU for the one moment
 `AcceleratorState` is built with an FSDP2 plugin, and then gets out of the way: the Trainer's `Accelerator` finds
 the state (distributed_type FSDP, the plugin) and runs accelerate's own `fsdp2_prepare_model`, state-dict, save and
-load helpers. Nothing of hf_tickets or transformers is patched; with FSDP2_OPTIMIZER_PROBE=DIR (and FSDP2_PROBE_STEP=k)
-every TicketTrainer gets one recording callback (`OptimizerProbe`).
+load helpers. The TrainingArguments must keep that state: `accelerator_config={"use_configured_state": True}`
+(transformers otherwise resets it). Nothing of hf_tickets, transformers or accelerate is patched; only with
+FSDP2_OPTIMIZER_PROBE=DIR (and FSDP2_PROBE_STEP=k) is `TicketTrainer.__init__` wrapped to add one recording callback
+(`OptimizerProbe`).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_launch.py hf_tickets.cli run RECIPE ...
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_launch.py hf_tickets.cli run RECIPE \
+        'training.accelerator_config={"use_configured_state": true}' ...
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from torch import nn
 
 from ..allocation import (
     DISTRIBUTIONS,
-    _keep_top,
     counts_from_densities,
+    keep_top_flat,
     layer_densities,
     random_masks_with_counts,
 )
@@ -185,10 +185,10 @@ class RigL(StaticSparse):
                 flat = masks[name].reshape(-1)
                 weight = params[name].detach()
                 # drop: keep the n_active - k largest |w| of the active weights (ties: the first in flat order)
-                magnitude = weight.abs().float().reshape(-1).masked_fill(~flat.to(weight.device), float("-inf"))
-                after_drop = _keep_top([magnitude], counts[name] - k[name])[0].to(flat.device)
-                grow = self.grow_scores(name, weight).reshape(-1).masked_fill(after_drop.to(weight.device), -math.inf)
-                new[name] = (after_drop | _keep_top([grow], k[name])[0].to(flat.device)).view_as(masks[name])
+                magnitude = weight.abs().float().reshape(-1).masked_fill(~flat.to(weight.device), -math.inf)
+                after_drop = keep_top_flat(magnitude, counts[name] - k[name])
+                grow = self.grow_scores(name, weight).reshape(-1).masked_fill(after_drop, -math.inf)
+                new[name] = (after_drop | keep_top_flat(grow, k[name])).view_as(masks[name]).to(flat.device)
         changed, active = 0, sum(counts.values())
         for name in moving:
             changed += int((new[name] & ~masks[name].to(new[name].device)).sum())
