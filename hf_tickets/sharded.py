@@ -228,9 +228,23 @@ def owned_part(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full.reshape(shape[0] if shape else 1, -1)[span.start : span.stop].reshape(-1)
 
 
+def model_magnitude_masks(model: nn.Module, names: list[str], rate: float, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """`masks_from_scores(magnitude_scores(...), rate, **kwargs)` over the parameters `names` of `model`: what IMP's
+    next level and gradual magnitude pruning compute. Under FSDP2 from each rank's shards (a collective, bitwise the
+    same masks), otherwise from the parameters themselves."""
+    from .allocation import masks_from_scores
+    from .distributed import model_is_sharded
+    from .scoring import magnitude_scores
+
+    if model_is_sharded(model):
+        return magnitude_masks(model, names, rate, **kwargs)
+    params = dict(model.named_parameters())
+    return masks_from_scores(magnitude_scores({name: params[name] for name in names}), rate, **kwargs)
+
+
 def magnitude_masks(model: nn.Module, names: list[str], rate: float, **kwargs: Any) -> dict[str, torch.Tensor]:
     """`masks_from_scores(magnitude_scores(...), rate, **kwargs)` over the FSDP2 parameters `names` of `model`, from
-    each rank's shards (what IMP's next level and gradual magnitude pruning compute). A collective."""
+    each rank's shards. A collective."""
     from .scoring import magnitude_scores
 
     reshard_(model)

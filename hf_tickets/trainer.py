@@ -216,7 +216,8 @@ class TicketTrainer(Trainer):
         if self.sparsity_callback is not None:  # the method's saved form and its checks (N:M: validate_nm)
             self.sparsity_method.before_save(self.model, self.masks)
         super()._save(output_dir, state_dict=state_dict)
-        if self.sparsity_callback is not None:
+        # Under FSDP every rank calls _save (to join the state-dict gather); only the writer saves files.
+        if self.sparsity_callback is not None and self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             self.masks.save(output_dir)
             self.sparsity_config.save_pretrained(output_dir)

@@ -12,11 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..allocation import masks_from_scores
 from ..config import SparsityConfig
-from ..distributed import model_is_sharded
 from ..masks import MaskSet
-from ..scoring import magnitude_scores
+from ..sharded import model_magnitude_masks
 from .base import BatchSource, SparsityMethod, register_method
 
 logger = logging.getLogger(__name__)
@@ -107,7 +105,7 @@ class GradualMagnitudePruning(SparsityMethod):
     def initial_masks(self, model: nn.Module, targets: dict[str, nn.Parameter], batches: BatchSource) -> MaskSet:
         cfg = self.config
         if cfg.initial_sparsity > 0:
-            masks = self._prune(targets, cfg.initial_sparsity, current=None)
+            masks = self._prune(model, list(targets), cfg.initial_sparsity, current=None)
         else:
             masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in targets.items()}
         return MaskSet(masks, self._metadata(step=0, target=cfg.initial_sparsity))
@@ -129,30 +127,17 @@ class GradualMagnitudePruning(SparsityMethod):
         if not cfg.is_update_step(step):
             return None
         target = cfg.sparsity_at(step)
-        if model_is_sharded(model):  # FSDP2: each rank scores its rows; bitwise the same masks
-            from ..sharded import magnitude_masks
-
-            new = magnitude_masks(
-                model,
-                list(masks),
-                target,
-                scope=cfg.scope,
-                layer_rates=cfg.layer_rates,
-                current=masks,
-                max_layer_sparsity=cfg.max_layer_sparsity,
-            )
-        else:
-            params = dict(model.named_parameters())
-            new = self._prune({name: params[name] for name in masks}, target, current=masks)
+        new = self._prune(model, list(masks), target, current=masks)  # under FSDP2 from each rank's rows
         if all(torch.equal(new[n], masks[n].to(new[n].device)) for n in masks):
             return None
         return MaskSet(new, self._metadata(step=step, target=target))
 
-    def _prune(self, targets, sparsity: float, current) -> dict[str, torch.Tensor]:
+    def _prune(self, model: nn.Module, names: list[str], sparsity: float, current) -> dict[str, torch.Tensor]:
         """Masks at `sparsity` (per pool, as magnitude pruning) keeping only weights alive in `current`."""
         cfg = self.config
-        return masks_from_scores(
-            magnitude_scores(targets),
+        return model_magnitude_masks(
+            model,
+            names,
             sparsity,
             scope=cfg.scope,
             layer_rates=cfg.layer_rates,

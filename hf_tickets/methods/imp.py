@@ -10,11 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..allocation import masks_from_scores
 from ..config import SparsityConfig
-from ..distributed import model_is_sharded
 from ..masks import MaskSet
-from ..scoring import magnitude_scores
+from ..sharded import model_magnitude_masks
 from .base import BatchSource, SparsityMethod, register_method
 
 REWIND_MODES = ("init", "step", "lr", "none")
@@ -145,24 +143,9 @@ class IterativeMagnitudePruning(SparsityMethod):
     def next_level_masks(self, model: nn.Module, masks: MaskSet, level: int) -> MaskSet:
         """Prune `prune_fraction` of the weights alive in `masks`, by the trained model's magnitudes."""
         cfg = self.config
-        if model_is_sharded(model):  # FSDP2: each rank scores its rows; bitwise the same masks
-            from ..sharded import magnitude_masks
-
-            new = magnitude_masks(
-                model,
-                list(masks),
-                cfg.prune_fraction,
-                scope=cfg.scope,
-                layer_rates=cfg.layer_rates,
-                current=masks,
-                relative=True,
-                max_layer_sparsity=cfg.max_layer_sparsity,
-            )
-            return MaskSet(new, self._metadata(level=level))
-        params = dict(model.named_parameters())
-        targets = {name: params[name] for name in masks}
-        new = masks_from_scores(
-            magnitude_scores(targets),
+        new = model_magnitude_masks(  # under FSDP2 from each rank's rows: bitwise the same masks
+            model,
+            list(masks),
             cfg.prune_fraction,
             scope=cfg.scope,
             layer_rates=cfg.layer_rates,
