@@ -170,6 +170,9 @@ class TrainerBackend:
             if last_lr is not None:
                 metrics["last_learning_rate"] = last_lr
             metrics.update(arm.extra_metrics, backend=self.name)
+            # every rank has read level_start.json from the partial folder before the writer publishes (renames)
+            # it: a rank slower out of save_model would otherwise find the folder gone
+            trainer.accelerator.wait_for_everyone()
             if trainer.args.should_save:  # one process writes (DDP/FSDP: every rank trained the same level)
                 write_json_atomic(os.path.join(partial, TRAINING_ARGS_NAME), json.loads(trainer.args.to_json_string()))
                 publish_level(partial, arm.folder, metrics)
