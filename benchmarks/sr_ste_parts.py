@@ -1,0 +1,103 @@
+"""Where SR-STE's per-step time goes: each part of its work timed on its own, at BERT-base's size.
+
+On an H200 an SR-STE step cost 1.7-1.9x a plain `Trainer` step (about 33 ms more; docs/nm.md), and moving the
+work onto one flat buffer did not change that. This script builds the method's own flat buffers (`_Flat`) for the
+72 Linear weights of BERT-base and times, with CUDA events, every operation the method runs per step:
+
+  recompute          `_Flat.recompute(2)`: |w|, top-2 of every group of 4 (`torch.topk`), flips, mask copy
+  topk_only          the top-2 selection alone
+  rank_select        the same mask from pairwise comparisons in each group (ties to the lower index), for comparison
+  projection         `projection_views()`: the dense weights with pruned entries zeroed (a new buffer)
+  pruned             `pruned_views()`: the decay term's input (a new buffer)
+  copy_in / copy_out the foreach copies between the parameters and the dense buffer
+
+    PYTHONPATH=. python3 benchmarks/sr_ste_parts.py --json sr_ste_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from hf_tickets.methods.nm import _Flat
+
+BERT_BASE = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12  # q, k, v, out; up; down per layer
+
+
+def rank_select(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the n largest of every row: an entry is kept when fewer than n entries of its row beat it."""
+    m = groups.shape[1]
+    index = torch.arange(m, device=groups.device)
+    a, b = groups.unsqueeze(2), groups.unsqueeze(1)
+    beats = (b > a) | ((b == a) & (index.view(1, 1, m) < index.view(1, m, 1)))
+    return beats.sum(dim=2, dtype=torch.int8) < n
+
+
+def time_ms(fn, reps: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "reps": reps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json")
+    opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    torch.manual_seed(0)
+    params = [torch.randn(shape, device="cuda") for shape in BERT_BASE]
+    flat = _Flat([f"w{i}" for i in range(len(params))], params, [1] * len(params), 4)
+    torch._foreach_copy_(flat.dense_views, params)
+    flat.recompute(2)
+    groups = flat.dense.view(-1, 4).abs().float()
+    same = torch.equal(
+        rank_select(groups, 2), torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, 1).indices, True)
+    )
+
+    def topk_only():
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(1, torch.topk(groups, 2, dim=1, sorted=False).indices, True)
+
+    parts = {
+        "recompute": lambda: flat.recompute(2),
+        "topk_only": topk_only,
+        "rank_select": lambda: rank_select(groups, 2),
+        "projection": flat.projection_views,
+        "pruned": flat.pruned_views,
+        "copy_in": lambda: torch._foreach_copy_(params, flat.dense_views),
+        "copy_out": lambda: torch._foreach_copy_(flat.dense_views, params),
+    }
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "weights": int(flat.dense.numel()),
+        "groups": int(groups.shape[0]),
+        "rank_select_equals_topk": same,
+        "ms": {name: time_ms(fn, opts.reps) for name, fn in parts.items()},
+    }
+    head = f"{result['gpu']}, torch {result['torch']}"
+    print(f"{head}: {result['weights']:,} weights in {result['groups']:,} groups of 4")
+    for name, stats in result["ms"].items():
+        print(f"  {name:12s} {stats['median']:8.3f} ms (min {stats['min']:.3f}, max {stats['max']:.3f})")
+    print(f"  rank_select gives topk's masks on these weights: {same}")
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
