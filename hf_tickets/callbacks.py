@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .distributed import agree_on_masks
+from .distributed import agree_on_masks, is_sharded, world_size
 from .enforce import MaskEnforcer
 from .masks import MaskSet
 from .methods import BatchSource, SparsityMethod
@@ -56,6 +56,7 @@ class SparsityCallback(TrainerCallback, ExportableState):
         self.masks = masks
         self._enforcer: Optional[MaskEnforcer] = None
         self._grads_masked = False
+        self._said_sharding = False  # the FSDP2 line, once per callback
         self._summary: tuple[str, float] = ("", 0.0)  # (fingerprint, overall sparsity) of self.masks
         # Fingerprint of the masks whose per-layer sparsity was last logged: restored on resume, so a resumed run
         # logs `sparsity/<name>` at the same steps as an uninterrupted one.
@@ -162,6 +163,7 @@ class SparsityCallback(TrainerCallback, ExportableState):
             self.model = model
         if self._enforcer is not None:  # prepare() may have replaced the parameters (FSDP2, DeepSpeed): bind anew
             self._enforcer.rebind()
+        self._say_sharding()
         if state.global_step > 0:  # resumed from a checkpoint: restore what the checkpoint saved
             saved = (state.stateful_callbacks or {}).get(type(self).__name__)
             if isinstance(saved, dict):
@@ -170,6 +172,22 @@ class SparsityCallback(TrainerCallback, ExportableState):
         self.enforce_now(optimizer)
         if self.method is not None:
             self.method.on_train_begin(self.model, self.masks, state.max_steps)
+
+    def _say_sharding(self) -> None:
+        """Once per callback: how many masked parameters FSDP2 holds as sharded `DTensor`s (what a launch's log
+        shows to prove the masks were cut to shards, not applied to a model FSDP never wrapped)."""
+        if self._said_sharding or self.model is None or self.masks is None:
+            return
+        named = dict(self.model.named_parameters())
+        sharded = sum(is_sharded(named[n]) for n in self.masks if n in named)
+        if sharded:
+            logger.info(
+                "FSDP2: %d of %d masked parameters are sharded DTensors on %d ranks; each rank masks its own shards",
+                sharded,
+                len(self.masks),
+                world_size(),
+            )
+        self._said_sharding = True
 
     def dense_grads_ready(self, model: nn.Module, step: int) -> None:
         """After the last micro-step's backward: the method sees dense gradients, then they are masked."""

@@ -50,12 +50,15 @@ fsdp2_imp() {  # IMP under FSDP2 against one device without FSDP (see the header
   timeout "$PER_MODE_TIMEOUT" $PY -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2.yaml \
       --num_processes "$procs" -m hf_tickets.cli run recipes/quickstart_digits.yaml training.output_dir="$dir/fsdp2" \
       "${imp[@]}" training.per_device_train_batch_size=$((60 / procs)) > "$OUT/fsdp2_imp.log" 2>&1 || return 1
-  $PY - "$dir" "$procs" > "$OUT/fsdp2_imp.json" <<'PY'
+  $PY - "$dir" "$procs" "$OUT/fsdp2_imp.log" > "$OUT/fsdp2_imp.json" <<'PY'
 import json, os, sys
+import torch
 from safetensors.torch import load_file
 from hf_tickets import MaskSet
-d, procs = sys.argv[1], int(sys.argv[2])
+d, procs, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 out = {"mode": "fsdp2_imp", "world_size": procs, "levels": {}}
+# TicketTrainer says, once per rank, how many masked parameters FSDP2 holds as DTensors: proof the model was sharded
+out["sharded_lines"] = [line.strip() for line in open(log) if "sharded DTensors" in line]
 for f in ("level_00", "level_01", "level_02", "rewind_point"):
     a, b = (os.path.join(d, run, f) for run in ("one", "fsdp2"))
     wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
@@ -63,6 +66,7 @@ for f in ("level_00", "level_01", "level_02", "rewind_point"):
                         "max_abs_diff": max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)}
 out["control_masks_equal"] = MaskSet.load(f"{d}/one.random_prune/level_02") == MaskSet.load(f"{d}/fsdp2.random_prune/level_02")
 out["ok"] = out["control_masks_equal"] and all(v["masks_equal"] and v["max_abs_diff"] <= 1e-5 for v in out["levels"].values())
+out["ok"] = out["ok"] and (len(out["sharded_lines"]) == procs or not torch.cuda.is_available())  # CPU: no FSDP
 print(json.dumps(out))
 sys.exit(0 if out["ok"] else 1)
 PY

@@ -319,6 +319,8 @@ def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_pat
         for key in ("FSDP2_OPTIMIZER_PROBE", "FSDP2_PROBE_STEP"):
             os.environ.pop(key)
     assert result.stdout.count("IMP run in") == 1  # one writer
+    # each rank says once that its masked parameters are FSDP2 shards (the quickstart MLP: 3 weight matrices)
+    assert result.stderr.count("FSDP2: 3 of 3 masked parameters are sharded DTensors on 2 ranks") == 2
     largest = 0.0
     for folder in ("level_00", "level_01", "level_02", "rewind_point"):
         assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
