@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from hf_tickets import SparsityConfig, apply_sparsity
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import enforcement_overhead as common  # noqa: E402  (CUDA-event marks and the ratio statistics)
+
+from hf_tickets import SparsityConfig, apply_sparsity  # noqa: E402
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,36 +73,31 @@ def converters(alg_ids: list[int]) -> dict[str, Callable[[torch.Tensor], torch.T
     return out
 
 
-def _stats(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "n": len(values)}
-
-
 @torch.no_grad()
 def time_fns(fns: dict[str, Callable[[], torch.Tensor]], rounds: int, iters: int, warmup: int) -> dict[str, list]:
     """ms per call of each function, per round: interleaved, order reversed every other round, CUDA events."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    torch.cuda.synchronize()
+    common._sync()
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start = common._mark()
             for _ in range(iters):
                 fns[name]()
-            end.record()
-            end.synchronize()
-            out[name].append(start.elapsed_time(end) / iters)
+            end = common._mark()
+            common._sync()
+            out[name].append(common._elapsed_ms(start, end) / iters)
     return out
 
 
 def ratios(per_round: dict[str, list[float]]) -> dict[str, dict]:
     dense = per_round["dense"]
     return {
-        name: {"ms": _stats(v), "speedup": _stats([d / x for d, x in zip(dense, v)])} for name, v in per_round.items()
+        name: {"ms": common._stats(v), "speedup": common._stats([d / x for d, x in zip(dense, v)])}
+        for name, v in per_round.items()
     }
 
 

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
 
 import torch
 
-from hf_tickets.methods.nm import _Flat
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import enforcement_overhead as common  # noqa: E402  (CUDA-event marks and the statistics)
+
+from hf_tickets.methods.nm import _Flat  # noqa: E402
 
 BERT_BASE = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12  # q, k, v, out; up; down per layer
 
@@ -39,16 +43,15 @@ def rank_select(groups: torch.Tensor, n: int) -> torch.Tensor:
 def time_ms(fn, reps: int, warmup: int = 3) -> dict:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    common._sync()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = common._mark()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "reps": reps}
+        end = common._mark()
+        common._sync()
+        times.append(common._elapsed_ms(start, end))
+    return common._stats(times)
 
 
 def main() -> None:

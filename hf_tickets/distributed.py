@@ -176,10 +176,12 @@ def kth_smallest(local_scores: Sequence[torch.Tensor], k: int, group: Optional[A
     return _key_to_float(kth_smallest_keys([keys], [k], group)[0])
 
 
-def _count_device(keys: Sequence[torch.Tensor], group: Optional[Any]) -> torch.device:
+def collective_device(fallback: torch.device, group: Optional[Any] = None) -> torch.device:
+    """Where a small tensor must live for a collective of `group`: the current GPU under NCCL (it takes CUDA
+    tensors only), else `fallback` (gloo takes CPU tensors)."""
     if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return keys[0].device if keys else torch.device("cpu")
+    return fallback
 
 
 def kth_smallest_keys(
@@ -190,7 +192,8 @@ def kth_smallest_keys(
     All pools bisect together: 32 rounds, each one `all_reduce` of one integer per pool (an IMP level of BERT-base
     with a threshold per tensor costs 32 small collectives, not 32 per tensor). No key leaves its rank.
     """
-    device = _count_device([x for pool in pools for x in pool], group)
+    first = next((x for pool in pools for x in pool), None)
+    device = collective_device(first.device if first is not None else torch.device("cpu"), group)
     total = torch.tensor([sum(int(x.numel()) for x in pool) for pool in pools], dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.all_reduce(total, group=group)

@@ -28,7 +28,7 @@ from ..allocation import (
     random_masks_with_counts,
 )
 from ..config import SparsityConfig
-from ..distributed import model_is_sharded
+from ..distributed import collective_device, model_is_sharded
 from ..masks import MaskSet
 from ..sharded import owned_local
 from .base import BatchSource, SparsityMethod, register_method
@@ -244,10 +244,7 @@ class RigL(StaticSparse):
             ]
         ).float()
         if dist.is_initialized():
-            device = (
-                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else maxima.device
-            )
-            maxima = maxima.to(device)
+            maxima = maxima.to(collective_device(maxima.device))
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         return {n: maxima[i].cpu() for i, n in enumerate(names)}
 
@@ -263,13 +260,19 @@ class RigL(StaticSparse):
                 "gradient, or the trainer does not call the on_dense_grads hook (use TicketTrainer)."
             )
         score = self._grad_scores[name]
+        noise = self._uniform(weight, full_shape).to(score.device)
         if full_shape is None:
-            noise = torch.rand(score.shape, generator=self.generator).to(score.device)
             return score + noise * (score.abs().max().clamp_min(1e-30) * 1e-7)
+        return score.reshape(-1) + noise * (scale.to(score.device).clamp_min(1e-30) * 1e-7)
+
+    def _uniform(self, weight: torch.Tensor, full_shape: Optional[tuple] = None) -> torch.Tensor:
+        """U[0, 1) noise from the seeded generator, shaped like `weight`; under FSDP2 (`full_shape` given) drawn for
+        the whole tensor, as one device draws it, and cut to this rank's rows, so the generator stays in step."""
+        if full_shape is None:
+            return torch.rand(weight.shape, generator=self.generator).to(weight.device)
         from ..sharded import owned_part
 
-        noise = owned_part(torch.rand(full_shape, generator=self.generator), weight).to(score.device)
-        return score.reshape(-1) + noise * (scale.to(score.device).clamp_min(1e-30) * 1e-7)
+        return owned_part(torch.rand(full_shape, generator=self.generator), weight)
 
     def log_metrics(self) -> dict[str, float]:
         pending, self._pending = self._pending, {}
@@ -304,11 +307,7 @@ class SET(RigL):
     def grow_scores(
         self, name: str, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, full_shape: Optional[tuple] = None
     ) -> torch.Tensor:
-        if full_shape is None:
-            return torch.rand(weight.shape, generator=self.generator).to(weight.device)
-        from ..sharded import owned_part
-
-        return owned_part(torch.rand(full_shape, generator=self.generator), weight)
+        return self._uniform(weight, full_shape)
 
 
 register_method("static", StaticConfig, StaticSparse)
