@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import make_bert, make_dataset, make_gpt2, training_args  # noqa: E402
 from fsdp2_launch import enter_fsdp2  # noqa: E402
+from interrupts import InterruptAt, Interrupted, TrainBegins  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_tickets import SparsityConfig, TicketTrainer  # noqa: E402
@@ -79,31 +80,6 @@ class Record(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps.append((state.global_step, masks_digest(self.trainer.masks)))
         self.sharded.append(model_is_sharded(model))
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptAt(TrainerCallback):
-    """Stops level `folder` at `step` on every rank, as a killed run does (after the step's checkpoint, if any)."""
-
-    def __init__(self, folder: str, step: int) -> None:
-        self.folder, self.step = folder, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if os.path.basename(args.output_dir).startswith(self.folder) and state.global_step == self.step:
-            raise Interrupted(f"{self.folder} at step {state.global_step}")
-
-
-class TrainBegins(TrainerCallback):
-    """The global step each `Trainer.train` run begins at."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
 
 
 def main(out: str, mode: str) -> None:

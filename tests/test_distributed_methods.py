@@ -161,6 +161,21 @@ def test_every_method_keeps_equal_masks_and_no_leaks_on_two_ranks(tmp_path):
     assert all((out / name / "masks.safetensors").is_file() for name in ranks[0]["methods"])
 
 
+def _assert_same_levels(one, two, folders=("level_00", "level_01", "level_02", "rewind_point")) -> float:
+    """Masks of every folder bitwise equal in two runs and weights within 1e-5; returns the largest difference."""
+    from safetensors.torch import load_file
+
+    largest = 0.0
+    for folder in folders:
+        assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
+        a, b = load_file(one / folder / "model.safetensors"), load_file(two / folder / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{folder}/{key}")
+            largest = max(largest, float((a[key] - b[key]).abs().max()))
+    return largest
+
+
 IMP_ARGS = [
     "training.max_steps=20",  # within the first epoch of 1,297 digits at 60 a step: the same batches either way
     "training.eval_steps=10",
@@ -177,7 +192,6 @@ def test_imp_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path
     """2 ranks x 30 samples vs 1 process x 60: accelerate shards one shuffled order, so both read the same 60 samples
     per step; levels, the rewind point and the random-prune control must match (masks bitwise, weights to float
     noise)."""
-    from safetensors.torch import load_file
 
     one, two = tmp_path / "one", tmp_path / "two"
     recipe = os.path.join(REPO, "recipes", "quickstart_digits.yaml")
@@ -185,12 +199,7 @@ def test_imp_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path
     _run([*cli, f"training.output_dir={one}", "training.per_device_train_batch_size=60", *IMP_ARGS], nproc=1)
     result = _run([*cli, f"training.output_dir={two}", "training.per_device_train_batch_size=30", *IMP_ARGS])
     assert result.stdout.count("IMP run in") == 1  # one writer
-    for folder in ("level_00", "level_01", "level_02", "rewind_point"):
-        assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
-        a, b = load_file(one / folder / "model.safetensors"), load_file(two / folder / "model.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{folder}/{key}")
+    _assert_same_levels(one, two)
     assert MaskSet.load(one / "level_02").kept() < MaskSet.load(one / "level_01").kept()
     control = f"{one}.random_prune", f"{two}.random_prune"
     assert MaskSet.load(os.path.join(control[0], "level_02")) == MaskSet.load(os.path.join(control[1], "level_02"))
@@ -296,7 +305,6 @@ def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_pat
     TicketTrainer under accelerate's own FSDP2 preparation (tests/fsdp2_launch.py) on 2 gloo ranks x 30 samples,
     against one process x 60: masks of every level bitwise equal, weights within 1e-5, the same level files; after
     each rewind, every rank's Adam moments equal its step-k shard with the arm's pruned entries zeroed."""
-    from safetensors.torch import load_file
 
     one, two, probe = tmp_path / "one", tmp_path / "two", tmp_path / "probe"
     probe.mkdir()
@@ -321,16 +329,9 @@ def test_imp_under_accelerate_fsdp2_on_two_gloo_ranks_equals_one_process(tmp_pat
     assert result.stdout.count("IMP run in") == 1  # one writer
     # each rank says once that its masked parameters are FSDP2 shards (the quickstart MLP: 3 weight matrices)
     assert result.stderr.count("FSDP2: 3 of 3 masked parameters are sharded DTensors on 2 ranks") == 2
-    largest = 0.0
-    for folder in ("level_00", "level_01", "level_02", "rewind_point"):
-        assert MaskSet.load(one / folder) == MaskSet.load(two / folder), folder
-        a, b = load_file(one / folder / "model.safetensors"), load_file(two / folder / "model.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{folder}/{key}")
-            largest = max(largest, float((a[key] - b[key]).abs().max()))
-        if folder != "rewind_point":  # a Trainer checkpoint: accelerate's FSDP optimizer file instead of optimizer.pt
-            assert sorted(os.listdir(one / folder)) == sorted(os.listdir(two / folder)), folder
+    largest = _assert_same_levels(one, two)
+    for folder in ("level_00", "level_01", "level_02"):  # the rewind point holds accelerate's FSDP optimizer file
+        assert sorted(os.listdir(one / folder)) == sorted(os.listdir(two / folder)), folder
     print(f"largest weight difference: {largest:.3g}")
     assert MaskSet.load(one / "level_02").kept() < MaskSet.load(one / "level_01").kept()
     control = f"{one}.random_prune", f"{two}.random_prune"

@@ -11,6 +11,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 from conftest import make_bert, make_dataset, training_args  # noqa: E402
+from interrupts import InterruptAt, Interrupted, TrainBegins  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 from peft.utils import load_peft_weights  # noqa: E402
 from test_peft import batch, lora_bert, violations  # noqa: E402
@@ -225,32 +226,6 @@ def test_extending_a_lora_imp_run_reuses_its_levels_and_ends_as_one_straight_run
     assert summary.reused == ["trunk[0] level 0", "trunk[0] level 1"] and summary.trained == ["trunk[0] level 2"]
     assert MaskSet.load(level(straight, 2)) == MaskSet.load(level(extended, 2))
     assert_same(load_peft_weights(level(extended, 2)), load_peft_weights(level(straight, 2)))
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptAt(TrainerCallback):
-    """Raises mid-level, as a killed process stops: at global step `step` of the level trained in `folder`
-    (a level trains in `<folder>.partial`, Trainer's output_dir), after Trainer saved that step's checkpoint if any."""
-
-    def __init__(self, folder: str, step: int) -> None:
-        self.folder, self.step = folder, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if os.path.basename(args.output_dir).startswith(self.folder) and state.global_step == self.step:
-            raise Interrupted(f"{self.folder} at step {state.global_step}")
-
-
-class TrainBegins(TrainerCallback):
-    """The global step every `Trainer.train` run begins at (a resumed level: its checkpoint's step)."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
 
 
 def checkpointed_trainer(out, callbacks=()) -> TicketTrainer:
