@@ -126,7 +126,11 @@ def run_model(name: str, opts) -> dict:
     reports = {}
     timer = None if CUDA else (lambda n, d, s: (1.0, 1.0))  # CPU smoke run: the dispatch path, no real timing
     convert = None if CUDA else (lambda w, x: w.detach().clone())
-    variants = [("dispatch", dict(min_speedup=opts.min_speedup)), ("all_sparse", dict(min_speedup=0.0))]
+    algs = {} if opts.alg_ids is None else dict(alg_ids=opts.alg_ids)
+    variants = [
+        ("dispatch", dict(min_speedup=opts.min_speedup, **algs)),
+        ("all_sparse", dict(min_speedup=0.0, **algs)),
+    ]
     for arm, kwargs in variants:
         copy_ = copy.deepcopy(model)
         t0 = time.perf_counter()
@@ -196,6 +200,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="forward passes per arm per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--min-speedup", type=float, default=1.05)
+    parser.add_argument("--alg-ids", type=int, nargs="*", help="cuSPARSELt ids sparse_inference tries (its default)")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--tiny", action="store_true", help="tiny models, CPU allowed: a smoke run, not a measurement")
     opts = parser.parse_args()

@@ -13,12 +13,19 @@ and returned refused ids in bfloat16):
   cslt_algK    cuSPARSELt with algorithm id K set by hand (`--alg-ids`; an id the library refuses is reported)
   cutlass      PyTorch's CUTLASS 2:4 kernels (`SparseSemiStructuredTensorCUTLASS`)
 
-and then the whole block with each variant on both layers and with the fastest variant per layer. Arms are
+and then the whole block with each variant on both layers and with the fastest variant per layer.
+
+`--context` adds the down projection on the input it gets in the sparse block: the GELU of a cuSPARSELt result,
+which is transposed in memory ([tokens, 14336] with strides (1, tokens)). There it times cuSPARSELt with each of
+`--context-alg-ids` on that layout as it is, and on a row-major copy of it made three ways (PyTorch's
+`x.contiguous()`, `hf_tickets.row_major`'s tiled Triton transpose, and `torch.compile`'s code for `x.contiguous()`),
+each copy alone too, and the block with the row-major copy before the down projection. Arms are
 interleaved (order reversed every other round) and timed with CUDA events; ratios are dense ms / arm ms, the
 median over rounds with the IQR. Every sparse output is checked against dense before it is timed.
 
     PYTHONPATH=. python3 benchmarks/nm_mlp_kernels.py --json mlp_kernels.json
     PYTHONPATH=. python3 benchmarks/nm_mlp_kernels.py --alg-ids 1 2 3 --json mlp_algs.json   # a refused id may crash
+    PYTHONPATH=. python3 benchmarks/nm_mlp_kernels.py --alg-ids 1 --context --json mlp_context.json
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import enforcement_overhead as common  # noqa: E402  (CUDA-event marks and the ratio statistics)
 
 from hf_tickets import SparsityConfig, apply_sparsity  # noqa: E402
+from hf_tickets.row_major import row_major  # noqa: E402
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -93,6 +101,80 @@ def time_fns(fns: dict[str, Callable[[], torch.Tensor]], rounds: int, iters: int
     return out
 
 
+def print_timed(title: str, timed: dict[str, dict], refused: Optional[dict[str, str]] = None) -> None:
+    print(f"\n{title}")
+    for name, row in timed.items():
+        s = row["speedup"]
+        print(f"  {name:28s} {row['ms']['median']:8.3f} ms  {s['median']:.3f}x ({s['q1']:.3f}-{s['q3']:.3f})")
+    for name, why in (refused or {}).items():
+        print(f"  {name:28s} refused: {why}")
+
+
+def cslt(w: torch.Tensor, alg: int) -> torch.Tensor:
+    from torch.sparse.semi_structured import SparseSemiStructuredTensorCUSPARSELT
+
+    sw = SparseSemiStructuredTensorCUSPARSELT.from_dense(w.detach().contiguous())
+    sw.alg_id_cusparselt = alg
+    return sw
+
+
+@torch.no_grad()
+def context_section(opts, x: torch.Tensor, up: nn.Linear, down: nn.Linear) -> dict:
+    """The down projection on the transposed input the sparse block hands it, as it is and copied to row-major."""
+    up_sparse = cslt(up.weight, 1 if 1 in opts.context_alg_ids else 0)
+    h = nn.functional.gelu(nn.functional.linear(x, up_sparse, up.bias))
+    layout = {"shape": list(h.shape), "stride": list(h.stride())}
+    copies: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"contiguous": torch.Tensor.contiguous}
+    copies["row_major"] = row_major
+    try:
+        compiled = torch.compile(lambda t: t.contiguous(), dynamic=False)
+        compiled(h)
+        copies["compiled"] = compiled
+    except Exception as exc:  # noqa: BLE001 - no compiler here is a result
+        print(f"torch.compile refused: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    for name, copy in copies.items():
+        if not torch.equal(copy(h), h.contiguous()):
+            raise SystemExit(f"{name} copy differs from x.contiguous()")
+    ref = nn.functional.linear(h, down.weight, down.bias).float()
+    fns: dict[str, Callable[[], torch.Tensor]] = {"dense": lambda: nn.functional.linear(h, down.weight, down.bias)}
+    refused: dict[str, str] = {}
+    for alg in opts.context_alg_ids:
+        try:
+            sw = cslt(down.weight, alg)
+            err = float((nn.functional.linear(h, sw, down.bias).float() - ref).norm() / ref.norm())
+            if err > 2e-2:
+                refused[f"alg{alg}"] = f"output differs from dense (relative error {err:.3g})"
+                continue
+        except Exception as exc:  # noqa: BLE001
+            refused[f"alg{alg}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            continue
+        fns[f"alg{alg}_as_is"] = lambda sw=sw: nn.functional.linear(h, sw, down.bias)
+        for name, copy in copies.items():
+            fns[f"alg{alg}_{name}"] = lambda sw=sw, copy=copy: nn.functional.linear(copy(h), sw, down.bias)
+    for name, copy in copies.items():  # the copy alone, against the dense layer's time
+        fns[f"copy_{name}"] = lambda copy=copy: copy(h)
+    down_timed = ratios(time_fns(fns, opts.rounds, opts.iters, opts.warmup))
+    print_timed(f"down on its in-context input {layout}", down_timed, refused)
+
+    down_alg = max(
+        (n for n in down_timed if n.startswith("alg")), key=lambda n: down_timed[n]["speedup"]["median"], default=None
+    )
+    block: dict[str, Callable[[], torch.Tensor]] = {
+        "dense": lambda: nn.functional.linear(
+            nn.functional.gelu(nn.functional.linear(x, up.weight, up.bias)), down.weight, down.bias
+        )
+    }
+    for alg in sorted({int(n[3:].split("_")[0]) for n in down_timed if n.startswith("alg")}):
+        sw = cslt(down.weight, alg)
+        for name, copy in {"as_is": lambda t: t, **copies}.items():
+            block[f"alg{alg}_{name}"] = lambda sw=sw, copy=copy: nn.functional.linear(
+                copy(nn.functional.gelu(nn.functional.linear(x, up_sparse, up.bias))), sw, down.bias
+            )
+    block_timed = ratios(time_fns(block, opts.rounds, opts.iters, opts.warmup))
+    print_timed("MLP block, up on cuSPARSELt, down per arm (the layout change inside the timing)", block_timed)
+    return {"layout": layout, "down": down_timed, "refused": refused, "best_down": down_alg, "block": block_timed}
+
+
 def ratios(per_round: dict[str, list[float]]) -> dict[str, dict]:
     dense = per_round["dense"]
     return {
@@ -108,6 +190,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--inner", type=int, default=14336)
     parser.add_argument("--alg-ids", type=int, nargs="*", default=[])
+    parser.add_argument("--context", action="store_true", help="the down projection on its in-context layout")
+    parser.add_argument("--context-alg-ids", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--skip-layers", action="store_true", help="only the --context section")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
@@ -124,6 +209,13 @@ def main() -> None:
     h = nn.functional.gelu(up(x))
     inputs = {"up": x, "down": h}
     result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": vars(opts), "layers": {}}
+    if opts.context:
+        result["context"] = context_section(opts, x, up, down)
+    if opts.skip_layers:
+        if opts.json:
+            with open(opts.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        return
     sparse: dict[str, dict[str, torch.Tensor]] = {"up": {}, "down": {}}
     for layer_name, layer in (("up", up), ("down", down)):
         inp = inputs[layer_name]

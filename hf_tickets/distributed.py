@@ -10,6 +10,7 @@ single process: every function returns at once when `torch.distributed` is not i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Any, Optional, Sequence
@@ -109,6 +110,7 @@ def agree_on_masks(masks: MaskSet, adopt_rank0: bool) -> MaskSet:
 # ---- sharded parameters (FSDP2) ----------------------------------------------------------------------------------
 
 
+@functools.cache  # asked for every tensor of every step (MaskEnforcer): the import machinery once, not each time
 def _dtensor_type() -> Optional[type]:
     try:
         from torch.distributed.tensor import DTensor

@@ -21,9 +21,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .distributed import local, local_mask, zero_master_weights_
+from .distributed import is_sharded, local, local_mask, zero_master_weights_
 from .kernels import MultiTensorMasker
 from .masks import MaskSet
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class MaskEnforcer:
@@ -43,6 +47,7 @@ class MaskEnforcer:
         self._params: list[torch.Tensor] = []
         self._masker: Optional[MultiTensorMasker] = None
         self._device: Optional[torch.device] = None
+        self._local = _same  # `local` when some parameter is an FSDP2 shard; skipped per tensor otherwise (host time)
 
     def rebind(self) -> None:
         """Bind to the model's current parameter objects at the next call (after a wrapper replaced them)."""
@@ -66,6 +71,7 @@ class MaskEnforcer:
             keep = [local_mask(self.masks[n], p).contiguous() for n, p in zip(self.masks, self._params)]
             self._masker = MultiTensorMasker(keep)
             self._device = self._params[0].device if self._params else None
+            self._local = local if any(map(is_sharded, self._params)) else _same
         return self._params, self._masker
 
     def local_masks(self) -> list[torch.Tensor]:
@@ -86,9 +92,9 @@ class MaskEnforcer:
             trainable = [i for i, p in enumerate(params) if p.requires_grad]
             if len(trainable) < len(params):
                 if trainable:
-                    masker.subset(trainable).zero_pruned_([local(params[i]) for i in trainable])
+                    masker.subset(trainable).zero_pruned_([self._local(params[i]) for i in trainable])
                 return
-        masker.zero_pruned_([local(p) for p in params])
+        masker.zero_pruned_(list(map(self._local, params)))
 
     def mask_master_weights_(self) -> None:
         """Zero the pruned entries of DeepSpeed ZeRO-1/2's fp32 master weights and their optimizer state: ZeRO
@@ -101,7 +107,8 @@ class MaskEnforcer:
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights in place; parameters without a gradient are skipped."""
         params, masker = self._bound()
-        grads = [None if p.grad is None else local(p.grad) for p in params]
+        to_local = self._local
+        grads = [None if p.grad is None else to_local(p.grad) for p in params]
         if all(g is not None for g in grads):
             if grads:
                 masker.zero_pruned_(grads)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .nm import nm_violations
+from .row_major import row_major
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +167,10 @@ def _candidates(
 
 def _contiguous_input(module: nn.Module, inputs: tuple) -> Optional[tuple]:
     """Pre-hook of a converted Linear that ran faster on a row-major copy of its input (the copy timed with it):
-    cuSPARSELt hands back a transposed result, so the layer after a converted one often gets a transposed input."""
+    cuSPARSELt hands back a transposed result, so the layer after a converted one often gets a transposed input.
+    The copy is `row_major`'s tiled transpose (PyTorch's strided copy cost more than it saved, docs/nm.md)."""
     x = inputs[0]
-    return None if x.is_contiguous() else (x.contiguous(), *inputs[1:])
+    return None if x.is_contiguous() else (row_major(x), *inputs[1:])
 
 
 def _batch_call(model: nn.Module, example_batch: Any) -> None:
@@ -196,8 +198,8 @@ def sparse_inference(
     layer is timed on its own input, dense against each sparse candidate (cuSPARSELt with each of `alg_ids`), and
     replaced by the fastest one only where it took at most dense / `min_speedup`. A layer is replaced at once, so
     the layers after it are timed on the input they will get; where that input is transposed in memory (the output
-    of a converted layer), a row-major copy of it is timed too (copy included) and, if faster, the layer keeps a
-    pre-hook that makes its input contiguous. Each sparse output is checked against the dense one
+    of a converted layer), a row-major copy of it (`row_major`'s tiled transpose) is timed too, copy included, and,
+    if faster, the layer keeps a pre-hook that makes that copy. Each sparse output is checked against the dense one
     before timing. The model is changed in place (inference only: converted weights take no gradient) and a
     per-layer report is returned (`report.to_markdown()` fits a model card).
 
@@ -253,13 +255,13 @@ def sparse_inference(
                         failures.append(f"{kernel}: sparse output differs from dense (relative error {err:.3g})")
                         continue
                     for contiguous in layouts:
-                        inp = (lambda: x.contiguous()) if contiguous else (lambda: x)
+                        inp = (lambda: row_major(x)) if contiguous else (lambda: x)
                         dense_ms, sparse_ms = timer(
                             layer_name,
                             lambda: nn.functional.linear(x, w, b),
                             lambda sw=sw, inp=inp: nn.functional.linear(inp(), sw, b),
                         )
-                        label = f"{kernel}, input made contiguous" if contiguous else kernel
+                        label = f"{kernel}, input made row-major" if contiguous else kernel
                         if best is None or dense_ms / sparse_ms > best[0] / best[1]:
                             best = (dense_ms, sparse_ms, label, sw, contiguous)
                 except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
@@ -275,7 +277,7 @@ def sparse_inference(
             module.weight = nn.Parameter(sw, requires_grad=False)  # this very call and the layers after see it
             if contiguous:
                 module.register_forward_pre_hook(_contiguous_input)  # from the next call on
-                return (x.contiguous(), *inputs[1:])  # this call
+                return (row_major(x), *inputs[1:])  # this call
             return None
 
         return hook

@@ -442,7 +442,7 @@ def test_sparse_inference_times_a_transposed_input_also_copied_to_row_major():
     report = sparse_inference(model, x, timer=fake_timer, convert=record)
     by_name = {layer.name: layer for layer in report.layers}
     assert report.converted == ["0", "2"]
-    assert by_name["0"].kernel == "injected" and by_name["2"].kernel == "injected, input made contiguous"
+    assert by_name["0"].kernel == "injected" and by_name["2"].kernel == "injected, input made row-major"
     assert by_name["2"].speedup == pytest.approx(2.0)
     seen_contiguous.clear()
     out = model(x)  # from now on layer 2 gets a row-major copy of its input, through the hook it keeps
