@@ -17,6 +17,7 @@
 #   course      issue 19: the course-protocol LTH runs of LeNet-300-100 on MNIST and on Fashion-MNIST
 #               (recipes/lth_course/*.yaml: 16 rounds x 40k iterations, 3 strategies x 3 replicates in lockstep)
 #   course_conv issue 19: the same protocol for LeNet-5 on MNIST and Fashion-MNIST and Conv-6 on Fashion-MNIST
+#               (COURSE_RUNS picks some; Conv-6's 9 networks are 81 MB a round, too big for KEEP_RUNS)
 #   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity);
 #               more overrides in BERT_GUARD_ARGS (e.g. 'controls=[]' for the ticket alone)
 #   bn          issue 19 part 4: benchmarks/bn_lockstep.py and the GPU tests of BatchNorm in lockstep
@@ -118,7 +119,7 @@ if wants course; then
     done
 fi
 if wants course_conv; then
-    for pair in lenet5_mnist lenet5_fashion_mnist conv6_fashion_mnist; do
+    for pair in ${COURSE_RUNS:-lenet5_mnist lenet5_fashion_mnist conv6_fashion_mnist}; do
         (run python3 -m hf_tickets.cli run "recipes/lth_course/$pair.yaml" training.output_dir="$r/lth_course/$pair"
          echo "exit $?") >> "$r/course_$pair.log" 2>&1 &
     done
