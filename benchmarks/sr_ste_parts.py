@@ -4,9 +4,11 @@ On an H200 an SR-STE step cost 1.7-1.9x a plain `Trainer` step (about 33 ms more
 work onto one flat buffer did not change that. This script builds the method's own flat buffers (`_Flat`) for the
 72 Linear weights of BERT-base and times, with CUDA events, every operation the method runs per step:
 
-  recompute          `_Flat.recompute(2)`: |w|, top-2 of every group of 4 (`torch.topk`), flips, mask copy
-  topk_only          the top-2 selection alone
-  rank_select        the same mask from pairwise comparisons in each group (ties to the lower index), for comparison
+  recompute          `_Flat.recompute(2)`: |w|, top-2 of every group of 4, flips, mask copy
+  topk_only          the top-2 selection by `torch.topk` + `scatter_` (what `recompute` used until 2026-12-03)
+  rank_select        the same mask from one [groups, 4, 4] comparison (ties to the lower index)
+  top_n_per_group    `hf_tickets.nm.top_n_per_group`, the selection `recompute` uses now: the same rule, column by
+                     column (no [groups, 4, 4] buffer)
   projection         `projection_views()`: the dense weights with pruned entries zeroed (a new buffer)
   pruned             `pruned_views()`: the decay term's input (a new buffer)
   copy_in / copy_out the foreach copies between the parameters and the dense buffer
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import enforcement_overhead as common  # noqa: E402  (CUDA-event marks and the statistics)
 
 from hf_tickets.methods.nm import _Flat  # noqa: E402
+from hf_tickets.nm import top_n_per_group  # noqa: E402
 
 BERT_BASE = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12  # q, k, v, out; up; down per layer
 
@@ -67,9 +70,8 @@ def main() -> None:
     torch._foreach_copy_(flat.dense_views, params)
     flat.recompute(2)
     groups = flat.dense.view(-1, 4).abs().float()
-    same = torch.equal(
-        rank_select(groups, 2), torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, 1).indices, True)
-    )
+    topk_masks = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, 1).indices, True)
+    same = torch.equal(rank_select(groups, 2), topk_masks) and torch.equal(top_n_per_group(groups, 2), topk_masks)
 
     def topk_only():
         keep = torch.zeros_like(groups, dtype=torch.bool)
@@ -79,6 +81,7 @@ def main() -> None:
         "recompute": lambda: flat.recompute(2),
         "topk_only": topk_only,
         "rank_select": lambda: rank_select(groups, 2),
+        "top_n_per_group": lambda: top_n_per_group(groups, 2),
         "projection": flat.projection_views,
         "pruned": flat.pruned_views,
         "copy_in": lambda: torch._foreach_copy_(params, flat.dense_views),
@@ -89,14 +92,14 @@ def main() -> None:
         "torch": torch.__version__,
         "weights": int(flat.dense.numel()),
         "groups": int(groups.shape[0]),
-        "rank_select_equals_topk": same,
+        "selections_equal_topk": same,
         "ms": {name: time_ms(fn, opts.reps) for name, fn in parts.items()},
     }
     head = f"{result['gpu']}, torch {result['torch']}"
     print(f"{head}: {result['weights']:,} weights in {result['groups']:,} groups of 4")
     for name, stats in result["ms"].items():
         print(f"  {name:12s} {stats['median']:8.3f} ms (min {stats['min']:.3f}, max {stats['max']:.3f})")
-    print(f"  rank_select gives topk's masks on these weights: {same}")
+    print(f"  rank_select and top_n_per_group give topk's masks on these weights: {same}")
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from .nm import nm_mask
 from .targets import module_matches, module_name_of, rate_factor
 
 
@@ -183,18 +184,12 @@ def nm_masks(
         if score.dim() < 2:
             raise ValueError(f"N:M pattern needs a weight with >= 2 dims; {name!r} has shape {tuple(score.shape)}.")
         dim = (input_dims or {}).get(name, 1)
-        # input-last view ([out, *kernel, in] for convs) so that groups are consecutive input features
-        s = score.detach().float().movedim(dim, -1)
-        if s.shape[-1] % m:
+        if score.shape[dim] % m:
             raise ValueError(
-                f"SparsityConfig.pattern='{n}:{m}' needs the input dimension of {name!r} (size {s.shape[-1]}) to be "
-                f"divisible by {m}: exclude this module with exclude_modules or choose another pattern."
+                f"SparsityConfig.pattern='{n}:{m}' needs the input dimension of {name!r} (size {score.shape[dim]}) to "
+                f"be divisible by {m}: exclude this module with exclude_modules or choose another pattern."
             )
-        groups = s.reshape(-1, m)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
-        keep = keep.view(s.shape)
-        masks[name] = keep.movedim(-1, dim).contiguous()
+        masks[name] = nm_mask(score, n, m, dim)  # ties: the lower index
     return masks
 
 

@@ -53,6 +53,25 @@ class NMChecker(TrainerCallback):
         self.per_step.append(holds(model, self.names))
 
 
+# ---- which entries of a group are kept --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 8)])
+def test_top_n_per_group_keeps_the_largest_and_the_lower_index_of_ties(n, m):
+    from hf_tickets.nm import top_n_per_group
+
+    gen = torch.Generator().manual_seed(n * 10 + m)
+    groups = torch.randint(0, 4, (500, m), generator=gen).float()  # many ties
+    groups[0] = float("-inf")  # a group with nothing allowed
+    keep = top_n_per_group(groups, n)
+    for row, kept in zip(groups.tolist(), keep.tolist()):
+        order = sorted(range(m), key=lambda j: (-row[j], j))  # largest first, then the lower index
+        assert kept == [j in order[:n] for j in range(m)]
+    distinct = torch.randn(300, m, generator=gen)  # without ties it is exactly topk's choice
+    reference = torch.zeros_like(distinct, dtype=torch.bool).scatter_(1, distinct.topk(n, 1).indices, True)
+    assert torch.equal(top_n_per_group(distinct, n), reference)
+
+
 # ---- layout ---------------------------------------------------------------------------------------------------
 
 

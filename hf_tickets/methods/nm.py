@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import SparsityConfig
 from ..masks import MaskSet
-from ..nm import nm_mask, split_nm_targets
+from ..nm import nm_mask, split_nm_targets, top_n_per_group
 from ..targets import input_dims
 from .base import BatchSource, SparsityMethod, register_method
 
@@ -356,8 +356,7 @@ class _Flat:
         groups = self.dense.view(-1, self.m).abs().float()
         if self.allowed is not None:
             groups.masked_fill_(~self.allowed.view(-1, self.m), float("-inf"))
-        new = torch.zeros_like(groups, dtype=torch.bool)
-        new.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
+        new = top_n_per_group(groups, n)
         if self.allowed is not None:
             new &= self.allowed.view(-1, self.m)
         old = self.mask.view(-1, self.m)
