@@ -165,12 +165,11 @@ def _candidates(
     return {f"cuSPARSELt alg {a}": cusparselt_converter(a) for a in ids}
 
 
-def _contiguous_input(module: nn.Module, inputs: tuple) -> Optional[tuple]:
+def _row_major_input(module: nn.Module, inputs: tuple) -> tuple:
     """Pre-hook of a converted Linear that ran faster on a row-major copy of its input (the copy timed with it):
     cuSPARSELt hands back a transposed result, so the layer after a converted one often gets a transposed input.
     The copy is `row_major`'s tiled transpose (PyTorch's strided copy cost more than it saved, docs/nm.md)."""
-    x = inputs[0]
-    return None if x.is_contiguous() else (row_major(x), *inputs[1:])
+    return (row_major(inputs[0]), *inputs[1:])  # a row-major input comes back as it is
 
 
 def _batch_call(model: nn.Module, example_batch: Any) -> None:
@@ -243,7 +242,7 @@ def sparse_inference(
             x2d = x.reshape(-1, x.shape[-1])
             dense_out = nn.functional.linear(x, w, b).float()
             # a transposed input (a converted layer's output) may run faster copied to row-major: both are timed
-            layouts = [False] if x.is_contiguous() else [False, True]
+            copies = [False] if x.is_contiguous() else [False, True]
             best: Optional[tuple[float, float, str, torch.Tensor, bool]] = None  # dense ms, sparse ms, kernel, ...
             failures = []
             for kernel, convert_fn in candidates.items():
@@ -254,29 +253,29 @@ def sparse_inference(
                     if err > 2e-2:
                         failures.append(f"{kernel}: sparse output differs from dense (relative error {err:.3g})")
                         continue
-                    for contiguous in layouts:
-                        inp = (lambda: row_major(x)) if contiguous else (lambda: x)
+                    for copy_first in copies:
+                        inp = (lambda: row_major(x)) if copy_first else (lambda: x)
                         dense_ms, sparse_ms = timer(
                             layer_name,
                             lambda: nn.functional.linear(x, w, b),
                             lambda sw=sw, inp=inp: nn.functional.linear(inp(), sw, b),
                         )
-                        label = f"{kernel}, input made row-major" if contiguous else kernel
+                        label = f"{kernel}, input made row-major" if copy_first else kernel
                         if best is None or dense_ms / sparse_ms > best[0] / best[1]:
-                            best = (dense_ms, sparse_ms, label, sw, contiguous)
+                            best = (dense_ms, sparse_ms, label, sw, copy_first)
                 except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
                     failures.append(f"{kernel}: not convertible: {str(err).splitlines()[0][:160]}")
             if best is None:
                 choice.reason = "; ".join(failures)
                 return None
-            choice.dense_ms, choice.sparse_ms, choice.kernel, sw, contiguous = best
+            choice.dense_ms, choice.sparse_ms, choice.kernel, sw, copy_first = best
             if choice.sparse_ms * min_speedup > choice.dense_ms:
                 choice.reason = "sparse slower at this shape"
                 return None
             choice.chosen = "sparse"
             module.weight = nn.Parameter(sw, requires_grad=False)  # this very call and the layers after see it
-            if contiguous:
-                module.register_forward_pre_hook(_contiguous_input)  # from the next call on
+            if copy_first:
+                module.register_forward_pre_hook(_row_major_input)  # from the next call on
                 return (row_major(x), *inputs[1:])  # this call
             return None
 

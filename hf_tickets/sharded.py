@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .allocation import _pools, capped_counts, check_layer_rates, order_keys, pool_keep_count
-from .distributed import is_sharded, kth_smallest_keys, local, rank, world_size
+from .allocation import _pools, capped_counts, check_layer_rates, masks_from_scores, order_keys, pool_keep_count
+from .distributed import is_sharded, kth_smallest_keys, local, model_is_sharded, rank, world_size
 from .masks import pack_bits, unpack_bits
+from .scoring import magnitude_scores
 
 
 @dataclass(frozen=True)
@@ -232,24 +233,13 @@ def model_magnitude_masks(model: nn.Module, names: list[str], rate: float, **kwa
     """`masks_from_scores(magnitude_scores(...), rate, **kwargs)` over the parameters `names` of `model`: what IMP's
     next level and gradual magnitude pruning compute. Under FSDP2 from each rank's shards (a collective, bitwise the
     same masks), otherwise from the parameters themselves."""
-    from .allocation import masks_from_scores
-    from .distributed import model_is_sharded
-    from .scoring import magnitude_scores
-
-    if model_is_sharded(model):
-        return magnitude_masks(model, names, rate, **kwargs)
-    params = dict(model.named_parameters())
-    return masks_from_scores(magnitude_scores({name: params[name] for name in names}), rate, **kwargs)
-
-
-def magnitude_masks(model: nn.Module, names: list[str], rate: float, **kwargs: Any) -> dict[str, torch.Tensor]:
-    """`masks_from_scores(magnitude_scores(...), rate, **kwargs)` over the FSDP2 parameters `names` of `model`, from
-    each rank's shards. A collective."""
-    from .scoring import magnitude_scores
-
-    reshard_(model)
+    sharded = model_is_sharded(model)
+    if sharded:
+        reshard_(model)
     params = dict(model.named_parameters())
     targets = {name: params[name] for name in names}
+    if not sharded:
+        return masks_from_scores(magnitude_scores(targets), rate, **kwargs)
     scores = magnitude_scores({name: owned_local(p) for name, p in targets.items()})
     return sharded_masks_from_scores(scores, targets, rate, **kwargs)
 

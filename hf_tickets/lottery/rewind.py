@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_model
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -27,6 +28,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import load_saved_weights
+from ..distributed import world_size
 from ..files import WEIGHTS_NAME
 from .lockstep import trainer_scheduler
 
@@ -146,11 +148,7 @@ class RewindCapture(TrainerCallback):
             return
         # Every rank writes its own rng_state_<rank>.pth into checkpoint-k: copy once all of them have (without the
         # barrier, rank 0 could copy before rank 1 wrote its file, and rank 1 would rewind without its RNG state).
-        from ..distributed import world_size
-
         if world_size() > 1:
-            import torch.distributed as dist
-
             dist.barrier()
         if args.should_save:
             copy_checkpoint(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.step}"), self.destination)

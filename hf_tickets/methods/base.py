@@ -56,7 +56,7 @@ class SparsityMethod:
     # state, and calls `after_optimizer_step` after a step the GradScaler skipped too (nothing moved: re-project).
     keeps_dense_weights: bool = False
     # True when every mask change inside `Trainer.train` is computed exactly from FSDP2 shards (`hf_tickets.sharded`):
-    # such a method runs under FSDP2 although it has step hooks (gradual magnitude pruning).
+    # such a method runs under FSDP2 although it has step hooks (gradual magnitude pruning, RigL, SET).
     updates_from_shards: ClassVar[bool] = False
     sanity_checks: ClassVar[tuple[str, ...]] = ()
 

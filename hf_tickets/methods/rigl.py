@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..allocation import (
@@ -25,12 +26,13 @@ from ..allocation import (
     counts_from_densities,
     keep_top_flat,
     layer_densities,
+    order_keys,
     random_masks_with_counts,
 )
 from ..config import SparsityConfig
 from ..distributed import collective_device, model_is_sharded
 from ..masks import MaskSet
-from ..sharded import owned_local
+from ..sharded import gather_masks, keep_top_per_tensor, owned_local, owned_part, reshard_
 from .base import BatchSource, SparsityMethod, register_method
 
 
@@ -207,9 +209,6 @@ class RigL(StaticSparse):
         """The update from FSDP2 shards, bitwise the single-device one: each rank ranks its own rows, the exact
         per-tensor counts and ties come from collectives over integer counts (`sharded.keep_top_per_tensor`), and
         every rank draws the full noise from the shared generator and takes its rows."""
-        from ..allocation import order_keys
-        from ..sharded import gather_masks, keep_top_per_tensor, owned_part, reshard_
-
         reshard_(model)
         params = dict(model.named_parameters())
         magnitude = {}
@@ -233,8 +232,6 @@ class RigL(StaticSparse):
         """max |dense gradient| of each whole tensor (RigL's noise scale), from the shards: one all_reduce."""
         if not names or not self._grad_scores:
             return {}
-        import torch.distributed as dist
-
         maxima = torch.stack(
             [
                 self._grad_scores[n].max()
@@ -270,8 +267,6 @@ class RigL(StaticSparse):
         the whole tensor, as one device draws it, and cut to this rank's rows, so the generator stays in step."""
         if full_shape is None:
             return torch.rand(weight.shape, generator=self.generator).to(weight.device)
-        from ..sharded import owned_part
-
         return owned_part(torch.rand(full_shape, generator=self.generator), weight)
 
     def log_metrics(self) -> dict[str, float]:
