@@ -48,6 +48,11 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits[:numel].view(shape).contiguous()
 
 
+def _output_dim(name: str, input_dims: Optional[Mapping[str, int]]) -> int:
+    """A weight's output-unit dim: 0, or 1 for a weight stored [in, out] (transformers' Conv1D)."""
+    return 1 if (input_dims or {}).get(name, 1) == 0 else 0
+
+
 class MaskSet(Mapping[str, torch.Tensor]):
     """Boolean masks (True = weight kept) keyed by the parameter names of `model.named_parameters()`.
 
@@ -117,23 +122,31 @@ class MaskSet(Mapping[str, torch.Tensor]):
         kept = sum(v["kept"] for v in layers.values())
         return {"sparsity": 1.0 - kept / max(total, 1), "numel": total, "kept": kept, "layers": layers}
 
-    def collapsed(self, min_density: float = 0.01, input_dims: Optional[Mapping[str, int]] = None) -> dict[str, str]:
-        """Tensors pruned so far that the network may be cut: name -> why. A tensor keeping fewer than
-        `min_density` of its entries, or a weight with an output unit (a row, or an output channel) kept nowhere.
+    def dead_output_units(self, input_dims: Optional[Mapping[str, int]] = None) -> dict[str, int]:
+        """Per weight of two or more dims: how many of its output units (rows, or output channels) keep no weight.
         `input_dims` gives each weight's input-feature dim (`targets.input_dims`: 1 for [out, in, ...], 0 for
         transformers' Conv1D); without it, dim 1 is taken as the input, as for Linear and Conv."""
         out = {}
         for name, mask in self._masks.items():
-            numel = max(mask.numel(), 1)
-            density = float(mask.sum()) / numel
+            if mask.dim() >= 2:
+                out_dim = _output_dim(name, input_dims)
+                rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1)
+                out[name] = int((~rows.any(dim=1)).sum())
+        return out
+
+    def collapsed(self, min_density: float = 0.01, input_dims: Optional[Mapping[str, int]] = None) -> dict[str, str]:
+        """Tensors pruned so far that the network may be cut: name -> why. A tensor keeping fewer than
+        `min_density` of its entries, or a weight with an output unit kept nowhere (`dead_output_units`)."""
+        dead = self.dead_output_units(input_dims)
+        out = {}
+        for name, mask in self._masks.items():
+            density = float(mask.sum()) / max(mask.numel(), 1)
             if density < min_density:
                 out[name] = f"keeps {density:.2%} of its weights"
-            elif mask.dim() >= 2:
-                out_dim = 1 if (input_dims or {}).get(name, 1) == 0 else 0
-                rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1)
-                dead = int((~rows.any(dim=1)).sum())
-                if dead:
-                    out[name] = f"{dead} of its {mask.shape[out_dim]} output units keep no weight"
+            elif dead.get(name):
+                out[name] = (
+                    f"{dead[name]} of its {mask.shape[_output_dim(name, input_dims)]} output units keep no weight"
+                )
         return out
 
     # ---- algebra ---------------------------------------------------------------------------------------------

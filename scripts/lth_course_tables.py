@@ -4,8 +4,9 @@ For each run folder under ROOT (one per recipe, each with replicate_* folders) i
 `hf-tickets run` writes (`imp_report.json`: per round, mean ± std over replicates of test accuracy at the early-stop
 step, for the ticket and both controls) and prints markdown: the per-round table, the summary row the report gives
 (peak accuracy, where, and the range of remaining weights within 2 points of dense), the two comparisons it quotes
-(rewind vs random re-init near 2% of the weights, magnitude vs random pruning near 5.77%), and the smallest
-layers' surviving weights at the last rounds (replicate 0's masks).
+(rewind vs random re-init near 2% of the weights, magnitude vs random pruning near 5.77%), and, round by round
+once the network starts to be cut, how many units of the smallest and the output layer keep no weight in each
+replicate, next to its accuracy.
 
     python scripts/lth_course_tables.py runs/lth_course > docs/results/lth_course/tables.md
 """
@@ -16,7 +17,7 @@ import argparse
 import os
 
 from hf_tickets import MaskSet
-from hf_tickets.lottery.layout import level_dir, replicate_roots, trunk_levels
+from hf_tickets.lottery.layout import level_dir, read_metrics, replicate_roots, trunk_levels
 from hf_tickets.lottery.report import write_run_report
 
 # The course report's figures (accuracy %, remaining %), as quoted in the issue.
@@ -82,22 +83,42 @@ def run_tables(name: str, run_dir: str) -> str:
         here = f"{100 * e['ticket']['mean']:.2f} vs {100 * e[other]['mean']:.2f} at {e['remaining_weights_pct']:.2f}%"
         there = f"{course[key][1]:.2f} vs {course[key][2]:.2f} at {course[key][0]}%" if key in course else "—"
         lines.append(f"| {label} | {here} | {there} |")
-    lines += ["", _smallest_layers(run_dir), ""]
+    lines += ["", _cut_units(run_dir), ""]
     return "\n".join(lines)
 
 
-def _smallest_layers(run_dir: str) -> str:
-    """Surviving weights of the three smallest layers at the last three rounds of replicate 0's trunk (its masks)."""
-    root = replicate_roots(run_dir)[0]
-    rounds = trunk_levels(root)[-3:]
-    masks = {r: MaskSet.load(level_dir(root, r)) for r in rounds}
-    first = masks[rounds[0]]
-    names = sorted(first, key=lambda n: first[n].numel())[:3]
-    cells = []
-    for r in rounds:
-        kept = ", ".join(f"{n} {int(masks[r][n].sum())}/{masks[r][n].numel()}" for n in names)
-        cells.append(f"round {r}: {kept}")
-    return "Smallest layers, replicate 0 (weights kept / layer size): " + "; ".join(cells) + "."
+def _cut_units(run_dir: str) -> str:
+    """Where the network is cut: per round, the smallest layer's and the output layer's units that keep no weight
+    in each replicate, next to that replicate's ticket accuracy, from the first round where any is empty (or the
+    last three rounds). Tells a collapse caused by the per-layer rate apart from one of the strategy."""
+    roots = replicate_roots(run_dir)
+    rounds = trunk_levels(roots[0])
+    masks = {(i, r): MaskSet.load(level_dir(root, r)) for i, root in enumerate(roots) for r in rounds}
+    first = masks[0, rounds[0]]
+    layers = list(dict.fromkeys([min(first, key=lambda n: first[n].numel()), list(first)[-1]]))
+    dead = {key: m.dead_output_units() for key, m in masks.items()}
+    cut = [r for r in rounds if any(dead[i, r].get(n) for i in range(len(roots)) for n in layers)]
+    shown = [r for r in rounds if r >= min(cut + rounds[-3:])]
+    short = {n: n.removesuffix(".weight") for n in layers}
+    header = ["round", "remaining", "kept (replicate 0)", *(f"replicate {i}" for i in range(len(roots)))]
+    lines = [
+        "Units cut off (output units keeping no weight / units, in the smallest layer and the output layer) and "
+        "the ticket's test accuracy:",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in shown:
+        m0 = masks[0, r]
+        kept = ", ".join(f"{short[n]} {int(m0[n].sum())}/{m0[n].numel()}" for n in layers)
+        cells = []
+        for i, root in enumerate(roots):
+            units = ", ".join(f"{short[n]} {dead[i, r][n]}/{masks[i, r][n].shape[0]}" for n in layers)
+            accuracy = read_metrics(level_dir(root, r))["test_at_early_stop"]["accuracy"]
+            cells.append(f"{units} · {100 * accuracy:.2f}")
+        remaining = 100 * float(m0.density())
+        lines.append(f"| {r} | {remaining:.2f}% | {kept} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:

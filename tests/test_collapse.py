@@ -32,6 +32,18 @@ def test_conv1d_output_units_are_its_columns():
     assert "1 of its 6 output units" in MaskSet({"c.weight": mask}).collapsed(input_dims={"c.weight": 0})["c.weight"]
 
 
+def test_dead_output_units_counts_every_weight_matrix_and_conv():
+    conv = torch.ones(6, 1, 5, 5, dtype=torch.bool)
+    conv[[0, 3]] = False  # two filters keep nothing
+    conv[1, 0, 0, 1:] = False  # one keeps a single weight: alive
+    masks = MaskSet(
+        {"conv.weight": conv, "fc.weight": torch.ones(3, 4, dtype=torch.bool), "bias": torch.ones(3).bool()}
+    )
+    assert masks.dead_output_units() == {"conv.weight": 2, "fc.weight": 0}
+    masks["fc.weight"][0] = False  # a row fed by nothing
+    assert masks.dead_output_units() == {"conv.weight": 2, "fc.weight": 1}
+
+
 def test_global_pruning_that_cuts_a_layer_warns_with_remedies(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_tickets"):
         TicketTrainer(
