@@ -17,6 +17,7 @@ import argparse
 import os
 
 from hf_tickets import MaskSet
+from hf_tickets.files import MASKS_NAME
 from hf_tickets.lottery.layout import level_dir, read_metrics, replicate_roots, trunk_levels
 from hf_tickets.lottery.report import write_run_report
 
@@ -93,6 +94,8 @@ def _cut_units(run_dir: str) -> str:
     last three rounds). Tells a collapse caused by the per-layer rate apart from one of the strategy."""
     roots = replicate_roots(run_dir)
     rounds = trunk_levels(roots[0])
+    if not all(os.path.isfile(os.path.join(level_dir(root, r), MASKS_NAME)) for root in roots for r in rounds):
+        return "(Units cut off: not counted, the run folders hold no masks.)"
     masks = {(i, r): MaskSet.load(level_dir(root, r)) for i, root in enumerate(roots) for r in rounds}
     first = masks[0, rounds[0]]
     layers = list(dict.fromkeys([min(first, key=lambda n: first[n].numel()), list(first)[-1]]))
