@@ -34,7 +34,8 @@ from hf_tickets.lottery.lockstep import (
     train_lockstep,
 )
 from hf_tickets.lottery.rewind import load_rewind_point
-from hf_tickets.lottery.runner import REINIT_SEED_OFFSET, REPLICATE_SEED_OFFSET, fresh_init_weights
+from hf_tickets.lottery.runner import REINIT_SEED_OFFSET, REPLICATE_SEED_OFFSET
+from hf_tickets.lottery.start_weights import fresh_init_weights
 from hf_tickets.models import build_model
 from hf_tickets.recipes import accuracy, build_trainer, load_recipe
 

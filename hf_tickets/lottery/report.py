@@ -321,7 +321,8 @@ def plot_aggregate(report: dict, root: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     # Inside the axes, bottom left: accuracy is high where most weights remain, so that corner is empty (a legend
     # outside the axes was cut off at these fixed margins).
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    if ax.get_legend_handles_labels()[0]:  # a run without accuracy (no compute_metrics) has nothing to label
+        ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)  # fixed margins: tight_layout is most of a plot
     tmp = os.path.join(root, ACCURACY_PLOT + ".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -14,7 +14,6 @@ the command that produced it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shlex
@@ -51,6 +50,7 @@ from .layout import (
     rewind_point_dir,
 )
 from .metrics import data_record
+from .start_weights import fresh_init_weights, replicate_init_weights
 
 if TYPE_CHECKING:
     from .trainer_protocol import LotteryTrainer
@@ -72,33 +72,14 @@ class RunSummary:
     report: dict = field(default_factory=dict)
 
 
-def fresh_init_weights(model: torch.nn.Module, seed: int, path: str) -> str:
-    """Write a new random initialisation of `model`'s architecture (its own init scheme) to `path`, once."""
-    if os.path.isfile(path):
-        return path
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(type(model), "config_class"):
-            fresh = type(model)(config)
-        else:
-            fresh = copy.deepcopy(model).cpu()
-            for module in fresh.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_model(fresh, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
-
-
 class LotteryRunner:
     """Runs the levels of an IMP experiment described by a `TicketTrainer` (model, `SparsityConfig`, arguments, data).
 
     Args:
         trainer: a `TicketTrainer` with an iterative method (`method="imp"`); its model's weights are theta_0.
         backend: `"trainer"` or `"lockstep"`.
-        replicates: independent repetitions (own theta_0 and data order); with more than one, replicate r writes
+        replicates: independent repetitions (own theta_0 and data order; a pretrained model keeps its checkpoint's
+            weights and draws only its new head, see `start_weights.py`); with more than one, replicate r writes
             to `<output_dir>/replicate_r` and the run's report gives each level's mean and spread.
         command: the command line recorded as "produced by" in the levels it trains (default: this process's).
     """
@@ -311,7 +292,7 @@ class LotteryRunner:
                     save_model(self.template, path + ".tmp")
                     os.replace(path + ".tmp", path)
                 else:
-                    fresh_init_weights(self.template, self.config.seed + REPLICATE_SEED_OFFSET * r, path)
+                    replicate_init_weights(self.template, self.config.seed + REPLICATE_SEED_OFFSET * r, path)
             if writer and "reinit" in controls:
                 fresh_init_weights(self.template, self.config.seed + REINIT_SEED_OFFSET + r, reinit_weights_path(root))
 
