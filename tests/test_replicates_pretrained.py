@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from conftest import NUM_LABELS, make_dataset, training_args
+from conftest import NUM_LABELS, make_bert, make_dataset, training_args
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertForSequenceClassification
 
 from hf_tickets import SparsityConfig, TicketTrainer
 from hf_tickets.lottery import run_experiment
@@ -18,18 +18,9 @@ HEAD = ("classifier.weight", "classifier.bias")
 
 
 def _pretrained(tmp_path) -> str:
-    """A tiny BERT body saved as a checkpoint: loading it for classification draws a new head."""
-    torch.manual_seed(123)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    """conftest's tiny BERT body saved as a checkpoint: loading it for classification draws a new head."""
     folder = str(tmp_path / "pretrained")
-    BertModel(config).save_pretrained(folder)
+    make_bert(seed=123).bert.save_pretrained(folder)
     return folder
 
 
