@@ -14,27 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from hf_tickets.lottery.layout import replicate_roots
-from hf_tickets.lottery.report import aggregate_replicates, write_report
+from hf_tickets.lottery.layout import finished_levels, replicate_roots
+from hf_tickets.lottery.report import aggregate_replicates, percent_text, write_report
 
 
 def run_summary(run_dir: str, tolerance: float) -> dict:
     """The run's rewind step k and its per-level aggregate (a run of one replicate aggregates to n = 1)."""
-    reports = [write_report(root, tolerance) for root in replicate_roots(run_dir)]
-    trunk = reports[0]["trunk"]
-    if not trunk:
-        raise SystemExit(f"{run_dir}: no finished level")
-    k = trunk[0].get("rewind_step_k") or 0
+    roots = replicate_roots(run_dir)
+    if not all(finished_levels(root) for root in roots):
+        raise SystemExit(f"{run_dir}: not a run folder with a finished level (level_NN/metrics.json)")
+    reports = [write_report(root, tolerance) for root in roots]  # refreshes each imp_report.json; trains nothing
+    k = reports[0]["trunk"][0].get("rewind_step_k") or 0
     return {"dir": run_dir, "k": int(k), "report": aggregate_replicates(reports, tolerance)}
-
-
-def _cell(entry: dict, arm: str) -> str:
-    value = entry.get(arm)
-    if not value:
-        return ""
-    if value["n"] == 1:
-        return f"{100 * value['mean']:.2f}"
-    return f"{100 * value['mean']:.2f} ± {100 * value['std']:.2f}"
 
 
 def table(runs: list[dict]) -> str:
@@ -53,7 +44,7 @@ def table(runs: list[dict]) -> str:
         cells = []
         for rows in by_level:
             entry = rows.get(level, {})
-            cells += [_cell(entry, "ticket"), _cell(entry, "random_prune")]
+            cells += [percent_text(entry.get("ticket")), percent_text(entry.get("random_prune"))]
         lines.append(f"| {level} | {remaining:.2f}% | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from hf_tickets import MaskSet
 from hf_tickets.files import MASKS_NAME
-from hf_tickets.lottery.layout import level_dir, read_metrics, replicate_roots, trunk_levels
-from hf_tickets.lottery.report import write_run_report
+from hf_tickets.lottery.layout import finished_levels, level_dir, read_metrics, replicate_roots, trunk_levels
+from hf_tickets.lottery.report import aggregate_replicates, percent_text, write_run_report
 
 # The course report's figures (accuracy %, remaining %), as quoted in the issue.
 COURSE = {
@@ -35,17 +36,14 @@ COURSE = {
 }
 
 
-def _cell(entry: dict, arm: str) -> str:
-    value = entry.get(arm)
-    return f"{100 * value['mean']:.2f} ± {100 * value['std']:.2f}" if value else ""
-
-
 def _nearest(levels: list[dict], pct: float) -> dict:
     return min(levels, key=lambda e: abs(e["remaining_weights_pct"] - pct))
 
 
 def run_tables(name: str, run_dir: str) -> str:
     report = write_run_report(run_dir)  # refreshes imp_report.json from the levels on disk (reads, trains nothing)
+    if "levels" not in report:  # a run of one replicate: its report in the replicates' form (n = 1)
+        report = aggregate_replicates([report])
     levels = [e for e in report["levels"] if "ticket" in e]
     n = report.get("replicates", 1)
     lines = [f"### {name} ({n} replicate{'s' * (n != 1)}, rounds 0-{levels[-1]['level']})", ""]
@@ -57,8 +55,8 @@ def run_tables(name: str, run_dir: str) -> str:
         stop = e.get("early_stop_step")
         stop_text = f"{stop['mean']:.0f}" if stop else ""
         lines.append(
-            f"| {e['level']} | {e['remaining_weights_pct']:.2f}% | {_cell(e, 'ticket')} | "
-            f"{_cell(e, 'reinit')} | {_cell(e, 'random_prune')} | {stop_text} |"
+            f"| {e['level']} | {e['remaining_weights_pct']:.2f}% | {percent_text(e.get('ticket'))} | "
+            f"{percent_text(e.get('reinit'))} | {percent_text(e.get('random_prune'))} | {stop_text} |"
         )
     dense = levels[0]["ticket"]["mean"]
     peak = max(levels, key=lambda e: e["ticket"]["mean"])
@@ -129,10 +127,17 @@ def main() -> None:
     parser.add_argument("root", help="folder holding one run folder per recipe (runs/lth_course)")
     args = parser.parse_args()
     names = sorted(d for d in os.listdir(args.root) if os.path.isdir(os.path.join(args.root, d)))
-    if not names:
-        raise SystemExit(f"{args.root}: no run folders")
-    for name in names:
+    runs = [name for name in names if _is_run(os.path.join(args.root, name))]
+    for name in sorted(set(names) - set(runs)):
+        print(f"{args.root}/{name}: skipped, no finished level in it", file=sys.stderr)
+    if not runs:
+        raise SystemExit(f"{args.root}: no run folders (each a recipe's output_dir with finished levels)")
+    for name in runs:
         print(run_tables(name, os.path.join(args.root, name)))
+
+
+def _is_run(folder: str) -> bool:
+    return all(finished_levels(root) for root in replicate_roots(folder))
 
 
 if __name__ == "__main__":

@@ -65,3 +65,7 @@ def test_two_runs_at_one_k_or_a_missing_folder_are_refused(runs, tmp_path):
     assert same.returncode != 0 and "share a rewind step" in same.stderr
     missing = _table(runs[0], tmp_path / "nope")
     assert missing.returncode != 0 and "not a folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = _table(runs[0], tmp_path / "empty")
+    assert empty.returncode != 0 and "not a run folder" in empty.stderr
+    assert list((tmp_path / "empty").iterdir()) == [], "nothing is written into a folder that is not a run"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from hf_tickets import MaskSet
 from hf_tickets.lottery import run_controls, run_experiment
 from hf_tickets.lottery.arms import masked_copy_digest
-from hf_tickets.lottery.report import aggregate_replicates, spread
+from hf_tickets.lottery.report import aggregate_replicates, percent_text, spread
 from hf_tickets.lottery.rewind import load_rewind_point, optimizer_param_names
 from hf_tickets.lottery.ticket import export_ticket
 from hf_tickets.recipes import build_trainer, load_recipe
@@ -130,6 +130,12 @@ def test_trainer_backend_replicates_and_aggregate_report(tmp_path):
     assert report["levels"][1]["ticket"]["mean"] == pytest.approx(np.mean(scores))
     assert report["levels"][1]["ticket"]["std"] == pytest.approx(np.std(scores, ddof=1))
     assert os.path.isfile(out / "imp_accuracy.png")
+
+
+def test_percent_text_shows_the_spread_only_over_several_replicates():
+    assert percent_text(spread([0.9, 0.8])) == "85.00 ± 7.07"
+    assert percent_text(spread([0.9123])) == "91.23"
+    assert percent_text(None) == ""
 
 
 def test_aggregate_is_mean_and_spread_by_hand():

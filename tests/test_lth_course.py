@@ -61,6 +61,7 @@ def test_tables_from_a_shrunk_run_count_the_units_cut_off(tmp_path):
         "sparsity.prune_fraction=0.9",  # 1% left at round 2: conv1 keeps 1-2 of its 150 weights
     ]
     run_recipe(load_recipe(str(REPO / "recipes" / "lth_course" / "lenet5_mnist.yaml"), overrides))
+    (out.parent / "notes").mkdir()  # a folder that is not a run: skipped, and nothing is written into it
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "lth_course_tables.py"), str(out.parent)],
         capture_output=True,
@@ -69,6 +70,8 @@ def test_tables_from_a_shrunk_run_count_the_units_cut_off(tmp_path):
         cwd=REPO,
     )
     text = result.stdout
+    assert "notes: skipped, no finished level in it" in result.stderr
+    assert list((out.parent / "notes").iterdir()) == []
     assert "### lenet5_mnist (2 replicates, rounds 0-2)" in text
     assert "| 2 | 1.00% |" in text and "99.16% at 49%" in text  # the round and the report's figure beside ours
 

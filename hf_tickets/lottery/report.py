@@ -224,6 +224,15 @@ def spread(values: list[float]) -> dict[str, Any]:
     }
 
 
+def percent_text(value: Optional[Mapping[str, Any]]) -> str:
+    """A `spread` of accuracies as a table cell in percent: "mean ± std", or the value alone for one replicate."""
+    if not value:
+        return ""
+    if value["n"] == 1:
+        return f"{100 * value['mean']:.2f}"
+    return f"{100 * value['mean']:.2f} ± {100 * value['std']:.2f}"
+
+
 def aggregate_replicates(reports: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
     """One report over replicate reports: per level, mean and spread of the ticket's and each control's score.
 
