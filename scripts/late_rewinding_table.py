@@ -14,18 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 
-from hf_tickets.lottery.layout import finished_levels, replicate_roots
-from hf_tickets.lottery.report import aggregate_replicates, percent_text, write_report
+from hf_tickets.lottery.layout import has_finished_levels, level_dir, read_metrics, replicate_roots
+from hf_tickets.lottery.report import levels_report, percent_text
 
 
 def run_summary(run_dir: str, tolerance: float) -> dict:
     """The run's rewind step k and its per-level aggregate (a run of one replicate aggregates to n = 1)."""
-    roots = replicate_roots(run_dir)
-    if not all(finished_levels(root) for root in roots):
+    if not has_finished_levels(run_dir):
         raise SystemExit(f"{run_dir}: not a run folder with a finished level (level_NN/metrics.json)")
-    reports = [write_report(root, tolerance) for root in roots]  # refreshes each imp_report.json; trains nothing
-    k = reports[0]["trunk"][0].get("rewind_step_k") or 0
-    return {"dir": run_dir, "k": int(k), "report": aggregate_replicates(reports, tolerance)}
+    report = levels_report(run_dir, tolerance)  # refreshes the run's imp_report.json; trains nothing
+    k = read_metrics(level_dir(replicate_roots(run_dir)[0], 0)).get("rewind_step_k") or 0
+    return {"dir": run_dir, "k": int(k), "report": report}
 
 
 def table(runs: list[dict]) -> str:

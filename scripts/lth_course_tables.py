@@ -19,8 +19,8 @@ import sys
 
 from hf_tickets import MaskSet
 from hf_tickets.files import MASKS_NAME
-from hf_tickets.lottery.layout import finished_levels, level_dir, read_metrics, replicate_roots, trunk_levels
-from hf_tickets.lottery.report import aggregate_replicates, percent_text, write_run_report
+from hf_tickets.lottery.layout import has_finished_levels, level_dir, read_metrics, replicate_roots, trunk_levels
+from hf_tickets.lottery.report import levels_report, percent_text
 
 # The course report's figures (accuracy %, remaining %), as quoted in the issue.
 COURSE = {
@@ -41,9 +41,7 @@ def _nearest(levels: list[dict], pct: float) -> dict:
 
 
 def run_tables(name: str, run_dir: str) -> str:
-    report = write_run_report(run_dir)  # refreshes imp_report.json from the levels on disk (reads, trains nothing)
-    if "levels" not in report:  # a run of one replicate: its report in the replicates' form (n = 1)
-        report = aggregate_replicates([report])
+    report = levels_report(run_dir)  # refreshes imp_report.json from the levels on disk (reads, trains nothing)
     levels = [e for e in report["levels"] if "ticket" in e]
     n = report.get("replicates", 1)
     lines = [f"### {name} ({n} replicate{'s' * (n != 1)}, rounds 0-{levels[-1]['level']})", ""]
@@ -127,17 +125,13 @@ def main() -> None:
     parser.add_argument("root", help="folder holding one run folder per recipe (runs/lth_course)")
     args = parser.parse_args()
     names = sorted(d for d in os.listdir(args.root) if os.path.isdir(os.path.join(args.root, d)))
-    runs = [name for name in names if _is_run(os.path.join(args.root, name))]
+    runs = [name for name in names if has_finished_levels(os.path.join(args.root, name))]
     for name in sorted(set(names) - set(runs)):
         print(f"{args.root}/{name}: skipped, no finished level in it", file=sys.stderr)
     if not runs:
         raise SystemExit(f"{args.root}: no run folders (each a recipe's output_dir with finished levels)")
     for name in runs:
         print(run_tables(name, os.path.join(args.root, name)))
-
-
-def _is_run(folder: str) -> bool:
-    return all(finished_levels(root) for root in replicate_roots(folder))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,11 @@ def finished_levels(root: str) -> list[int]:
     return sorted(found)
 
 
+def has_finished_levels(output_dir: str) -> bool:
+    """True when `output_dir` is a run with a finished level in its trunk (in every replicate's, with several)."""
+    return all(finished_levels(root) for root in replicate_roots(output_dir))
+
+
 def trunk_levels(trunk_dir: str) -> list[int]:
     """Finished pruned levels (>= 1) of a trunk."""
     return [level for level in finished_levels(trunk_dir) if level >= 1]

@@ -293,6 +293,13 @@ def write_run_report(output_dir: str, last_run: Optional[dict] = None, tolerance
     return report
 
 
+def levels_report(output_dir: str, tolerance: float = 0.01) -> dict[str, Any]:
+    """`write_run_report`'s report in the replicates' form (per level, mean and spread of each arm), also for a run
+    of one replicate (n = 1): what tables over runs of either kind read."""
+    report = write_run_report(output_dir, tolerance=tolerance)
+    return report if "levels" in report else aggregate_replicates([report], tolerance)
+
+
 def plot_aggregate(report: dict, root: str) -> None:
     """Accuracy vs remaining weights with mean and standard deviation over replicates, per arm."""
     import matplotlib
